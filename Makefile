@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from scratch when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.segpipe-installed
+DEMO_DATA := data/demo
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+export DO_NOT_TRACK := 1
+
+.PHONY: install demo test test-fast lint clean
+
+$(STAMP): pyproject.toml deploy/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c deploy/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DATA) outputs/demo
+	$(BIN)/segpipe make-dataset $(DEMO_DATA) --count 96 --seed 2024
+	$(BIN)/segpipe run --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline flows tests
+	$(BIN)/ruff format --check pipeline flows tests
+
+clean:
+	rm -rf $(VENV) data outputs .pytest_cache

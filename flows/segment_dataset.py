@@ -1,0 +1,83 @@
+"""The ``segment-dataset`` flow: plan → infer on Ray actors → reduce and commit → summary."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from pipeline.config import JobConfig, load_config
+from pipeline.execution import run_shards
+from pipeline.job import JobPlan, finalize_job, plan_job
+from pipeline.report import format_summary
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(cfg: JobConfig) -> JobPlan:
+    return plan_job(cfg)
+
+
+@task(name="infer", cache_policy=NO_CACHE)
+def infer_task(plan: JobPlan) -> tuple[list, float]:
+    logger = get_run_logger()
+    pending = plan.pending
+    if not pending:
+        logger.info("all %d shards already committed; nothing to infer", len(plan.shards))
+        return [], 0.0
+    total = sum(len(s.items) for s in pending)
+    # The bar shows on a terminal only (disable=None); the log lines reach Prefect everywhere.
+    bar = tqdm(total=total, unit="img", desc="segmenting", disable=None)
+    done = []
+
+    def on_done(summary) -> None:
+        done.append(summary)
+        bar.update(summary.images)
+        logger.info(
+            "shard %s done: %d images, %d errors, %.1fs (%d/%d shards)",
+            summary.shard_id, summary.images, summary.errors, summary.seconds, len(done), len(pending),
+        )
+
+    start = time.perf_counter()
+    try:
+        summaries = run_shards(plan.cfg, plan.run_id, pending, on_done)
+    finally:
+        bar.close()
+    return summaries, time.perf_counter() - start
+
+
+@task(name="reduce", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def reduce_task(plan: JobPlan, summaries: list, infer_seconds: float) -> dict:
+    return finalize_job(plan, summaries, infer_seconds)
+
+
+@flow(name="segment-dataset")
+def segment_dataset(
+    input_uri: str | None = None,
+    output_uri: str | None = None,
+    labels_uri: str | None = None,
+    checkpoint_uri: str | None = None,
+    model: str | None = None,
+    shard_size: int | None = None,
+    actors: int | None = None,
+    batch_size: int | None = None,
+    config_path: str | None = None,
+) -> dict:
+    """Segment every image under ``input_uri``; parameters override the YAML at ``config_path``."""
+    cfg = load_config(
+        config_path,
+        input_uri=input_uri,
+        output_uri=output_uri,
+        labels_uri=labels_uri,
+        checkpoint_uri=checkpoint_uri,
+        model=model,
+        shard_size=shard_size,
+        actors=actors,
+        batch_size=batch_size,
+    )
+    plan = plan_task(cfg)
+    summaries, infer_seconds = infer_task(plan)
+    result = reduce_task(plan, summaries, infer_seconds)
+    get_run_logger().info("\n%s", format_summary(result))
+    return result

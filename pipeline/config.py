@@ -1,0 +1,99 @@
+"""Job configuration: a pydantic model loaded from YAML with overrides, validated before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+
+def _absolute(uri: str) -> str:
+    """Plain local paths become absolute (relative to the working directory) so every worker agrees."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+class JobConfig(BaseModel):
+    """Everything one segmentation job needs. Field names are the YAML keys and the flow's parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_uri: str = Field(description="folder or prefix of images (file path, file://, s3://)")
+    output_uri: str = Field(description="where masks, stats, metrics and the manifest go")
+    labels_uri: str | None = Field(None, description="index-PNG labels matched by relative path")
+    checkpoint_uri: str = Field(description="segpipe checkpoint: weights plus classes and preprocessing")
+    model: str | None = Field(None, description="registry name; defaults to the checkpoint's architecture")
+    shard_size: int = Field(64, ge=1, description="images per shard: the unit of work, retry and commit")
+    actors: int = Field(1, ge=1, description="Ray actors, each holding one model")
+    batch_size: int = Field(8, ge=1, description="images per forward pass (same-size images only)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
+    io_threads: int = Field(8, ge=1, le=256, description="threads per actor for reading, decoding, encoding")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
+    ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local Ray")
+
+    @field_validator("input_uri", "output_uri", "labels_uri", "checkpoint_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return _absolute(v.strip())
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        from pipeline.models import list_models
+
+        if v is not None and v not in list_models():
+            raise ValueError(f"unknown model {v!r}; registered models: {', '.join(list_models())}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
+    """Read YAML (if given), apply the overrides that are not None, validate; ConfigError names the field."""
+    data: dict[str, Any] = {}
+    source = "parameters"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return JobConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None

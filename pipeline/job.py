@@ -1,0 +1,222 @@
+"""The job's steps around inference: plan (validate everything, list, shard, find committed work)
+and finalize (reduce the stats parts into metrics, then write the manifest last, as the commit).
+
+The flow in flows/ wires these with the Ray step in pipeline/execution.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from pipeline import __version__, storage
+from pipeline.config import JobConfig
+from pipeline.errors import CheckpointError, InputError, SegpipeError
+from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.metrics import DEFINITIONS, compute_metrics
+from pipeline.models.checkpoint import ModelMeta, load_checkpoint, sha256_hex
+from pipeline.outputs import (
+    CONFUSION,
+    MANIFEST,
+    METRICS,
+    committed_run_id,
+    read_confusion,
+    stats_path,
+    write_confusion,
+    write_json,
+)
+from pipeline.palette import IGNORE_INDEX
+from pipeline.planning import Shard, list_images, make_shards
+from pipeline.shard import ShardSummary
+
+log = logging.getLogger(__name__)
+
+# Fields that change what a run writes; batch size, actors, threads and PNG level do not.
+_RESULT_FIELDS = ("input_uri", "labels_uri", "model", "shard_size", "device", "precision")
+
+
+@dataclass
+class JobPlan:
+    cfg: JobConfig
+    run_id: str
+    meta: ModelMeta
+    checkpoint_sha256: str
+    shards: list[Shard]
+    committed: set[str] = field(default_factory=set)
+    started_at: str = ""
+    plan_seconds: float = 0.0
+
+    @property
+    def pending(self) -> list[Shard]:
+        return [s for s in self.shards if s.shard_id not in self.committed]
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(s.items) for s in self.shards)
+
+
+def run_id_for(cfg: JobConfig, checkpoint_sha256: str) -> str:
+    """Deterministic: the same job into the same output keeps its id across resumes."""
+    key = {f: getattr(cfg, f) for f in _RESULT_FIELDS} | {"checkpoint_sha256": checkpoint_sha256}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _require_dir(uri: str, what: str) -> tuple:
+    try:
+        fs, path = storage.resolve(uri)
+        if not fs.isdir(path):
+            raise InputError(f"{what} {uri} does not exist or is not a folder")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} {uri} cannot be read: {e}") from e
+    return fs, path
+
+
+def plan_job(cfg: JobConfig) -> JobPlan:
+    """Check every location and the checkpoint, list and shard the input, and find committed shards.
+
+    Raises a SegpipeError naming the path at fault before anything is written.
+    """
+    start = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    in_fs, in_root = _require_dir(cfg.input_uri, "input")
+    if cfg.labels_uri:
+        _require_dir(cfg.labels_uri, "labels")
+    try:
+        ckpt_fs, ckpt_path = storage.resolve(cfg.checkpoint_uri)
+        data = ckpt_fs.cat_file(ckpt_path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint_uri}: {e}") from e
+    _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model)
+    sha = sha256_hex(data)
+    if cfg.model is None:
+        cfg = cfg.model_copy(update={"model": meta.arch})
+    rels = list_images(in_fs, in_root)
+    if not rels:
+        raise InputError(f"input {cfg.input_uri} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    shards = make_shards(rels, cfg.shard_size)
+    run_id = run_id_for(cfg, sha)
+    out_fs, out_root = storage.resolve(cfg.output_uri)
+    committed = _committed_shards(out_fs, out_root, shards, run_id, cfg.output_uri)
+    removed = storage.remove_temporaries(out_fs, out_root)
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+    log.info(
+        "planned %d images in %d shards (%d already committed), run %s", len(rels), len(shards), len(committed), run_id
+    )
+    return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, time.perf_counter() - start)
+
+
+def _committed_shards(fs, root: str, shards: list[Shard], run_id: str, uri: str) -> set[str]:
+    """Shards whose stats part this same job wrote. Parts of another job in the output stop the run."""
+    if not fs.exists(root):
+        return set()
+    found = {}
+    if fs.exists(storage.join(root, "stats")):
+        for path in fs.glob(storage.join(root, "stats", "part-*.parquet")):
+            found[path.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]] = path
+    planned = {s.shard_id for s in shards}
+    foreign = sorted(set(found) - planned)
+    if foreign:
+        raise InputError(
+            f"output {uri} holds stats parts of another job (e.g. part-{foreign[0]}.parquet); "
+            "choose an empty output or delete it"
+        )
+    done = set()
+    for shard_id, path in found.items():
+        other = committed_run_id(fs, path)
+        if other != run_id:
+            raise InputError(
+                f"output {uri} holds results of another job (run {other}, this job is run {run_id}); "
+                "choose an empty output or delete it"
+            )
+        done.add(shard_id)
+    return done
+
+
+def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: float) -> dict:
+    """Reduce every shard's stats into metrics.json and confusion_matrix.parquet; write manifest.json last."""
+    start = time.perf_counter()
+    cfg, meta = plan.cfg, plan.meta
+    fs, root = storage.resolve(cfg.output_uri)
+    paths = [stats_path(root, s.shard_id) for s in plan.shards]
+    missing = [p for p in paths if not fs.exists(p)]
+    if missing:
+        raise SegpipeError(f"cannot finalize: {len(missing)} shards are not committed, e.g. {missing[0]}")
+    mat, counts = read_confusion(fs, paths, meta.num_classes)
+    names = list(meta.class_names)
+    metrics = compute_metrics(mat)
+    per_class = metrics.pop("per_class")
+    metrics_doc = {
+        "run_id": plan.run_id,
+        "class_names": names,
+        "ignore_index": IGNORE_INDEX,
+        "images": counts["images"],
+        "labeled_images": counts["labeled"],
+        "errors": counts["errors"],
+        **metrics,
+        "per_class": {name: {k: v[i] for k, v in per_class.items()} for i, name in enumerate(names)},
+        "definitions": DEFINITIONS,
+    }
+    write_json(fs, storage.join(root, METRICS), _json_safe(metrics_doc))
+    write_confusion(fs, storage.join(root, CONFUSION), mat, names)
+    reduce_seconds = time.perf_counter() - start
+    done_now = {s.shard_id: s for s in summaries}
+    manifest = {
+        "run_id": plan.run_id,
+        "status": "complete",
+        "started_at": plan.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "config": cfg.model_dump(),
+        "model": {
+            "name": cfg.model,
+            "checkpoint_uri": cfg.checkpoint_uri,
+            "checkpoint_sha256": plan.checkpoint_sha256,
+            "class_names": names,
+            "palette": meta.palette_array()[: len(names)].tolist(),
+            "normalization": {"mean": list(meta.mean), "std": list(meta.std)},
+            "input_policy": meta.input_policy,
+            "stride": meta.stride,
+        },
+        "counts": {
+            "images": counts["images"],
+            "errors": counts["errors"],
+            "labeled": counts["labeled"],
+            "shards": len(plan.shards),
+            "shards_skipped": len(plan.shards) - len(done_now),
+        },
+        "shards": [
+            {
+                "shard_id": s.shard_id,
+                "images": len(s.items),
+                "status": "processed" if s.shard_id in done_now else "skipped (committed earlier)",
+            }
+            for s in plan.shards
+        ],
+        "timings": {
+            "plan_seconds": round(plan.plan_seconds, 3),
+            "infer_seconds": round(infer_seconds, 3),
+            "reduce_seconds": round(reduce_seconds, 3),
+            "images_per_second": round(sum(s.images for s in summaries) / infer_seconds, 2) if infer_seconds else None,
+        },
+    }
+    write_json(fs, storage.join(root, MANIFEST), manifest)
+    log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))
+    return {"manifest": manifest, "metrics": metrics_doc}
+
+
+def _json_safe(obj):
+    """NaN becomes null: JSON has no NaN, and metrics.json's definitions say what null means."""
+    if isinstance(obj, float) and np.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj

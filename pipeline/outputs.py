@@ -1,0 +1,101 @@
+"""The output contract: paths under the output root, the stats Parquet schema, and the result files."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+CONFUSION = "confusion_matrix.parquet"
+RUN_ID_KEY = b"segpipe.run_id"
+
+STATS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),  # the image's path relative to the input root
+        ("source_uri", pa.string()),
+        ("shard_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask_uri", pa.string()),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("class_fraction", pa.list_(pa.float32())),
+        ("mean_confidence", pa.float32()),
+        ("labeled", pa.bool_()),
+        ("label_uri", pa.string()),
+        ("pixel_accuracy", pa.float64()),
+        ("mean_iou", pa.float64()),
+        ("confusion", pa.list_(pa.struct([("gt", pa.int32()), ("pred", pa.int32()), ("count", pa.int64())]))),
+        ("error", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+
+
+def stats_path(root: str, shard_id: str) -> str:
+    return storage.join(root, "stats", f"part-{shard_id}.parquet")
+
+
+def mask_path(root: str, image_id: str) -> str:
+    return storage.join(root, "masks", f"{image_id}.png")
+
+
+def write_stats(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict], run_id: str) -> None:
+    """One shard's rows as one Parquet file (one row group), tagged with the run id; written whole."""
+    schema = STATS_SCHEMA.with_metadata({RUN_ID_KEY: run_id.encode()})
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(fs, path, buf.getvalue())
+
+
+def committed_run_id(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The run id a committed stats part was written by (None if the file is absent)."""
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except FileNotFoundError:
+        return None
+    return meta.get(RUN_ID_KEY, b"").decode() or None
+
+
+def read_confusion(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes: int) -> tuple[np.ndarray, dict]:
+    """Sum the per-image sparse confusion cells of the given parts; also count images, errors, labeled."""
+    mat = np.zeros((num_classes, num_classes), dtype=np.int64)
+    counts = {"images": 0, "errors": 0, "labeled": 0}
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["confusion", "labeled", "error"])
+        counts["images"] += table.num_rows
+        counts["errors"] += table.num_rows - table["error"].null_count
+        counts["labeled"] += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
+        cells = table["confusion"].combine_chunks().flatten()
+        if len(cells):
+            np.add.at(
+                mat,
+                (cells.field("gt").to_numpy(), cells.field("pred").to_numpy()),
+                cells.field("count").to_numpy(),
+            )
+    return mat, counts
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict) -> None:
+    storage.write_bytes(fs, path, json.dumps(obj, indent=2, allow_nan=False, default=str).encode())
+
+
+def write_confusion(fs: fsspec.AbstractFileSystem, path: str, mat: np.ndarray, class_names: list[str]) -> None:
+    """Rows are ground truth, columns prediction: ``ground_truth`` then one int64 column per class."""
+    cols = {"ground_truth": pa.array(class_names)}
+    for j, name in enumerate(class_names):
+        cols[f"pred_{name}"] = pa.array(mat[:, j], pa.int64())
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    storage.write_bytes(fs, path, buf.getvalue())

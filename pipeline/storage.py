@@ -1,0 +1,52 @@
+"""Filesystems at the edge: resolve a URI once, then pass (fs, path) down.
+
+Writes are atomic for readers: object stores publish a PUT whole, and on a local
+disk we write a hidden temporary file and rename it, so a killed process never
+leaves a torn file under a final name.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+
+
+def resolve(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs, path.rstrip("/") or path
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(parent, exist_ok=True)
+        tmp = join(parent, f".{posixpath.basename(path)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Delete temporary files a killed run left under ``root``; returns how many."""
+    if not fs.exists(root):
+        return 0
+    stale = [p for p in fs.find(root) if TMP_MARK in posixpath.basename(p)]
+    for p in stale:
+        fs.rm_file(p)
+    return len(stale)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a real local Ray, Prefect in ephemeral mode, generated datasets, the shipped checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKPOINT = REPO / "pipeline" / "models" / "weights" / "unet_tiny_shapes.pt"
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    return CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """24 labeled images in nested folders (seed 7, not a training seed)."""
+    from pipeline.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", 24, seed=7)
+
+
+@pytest.fixture
+def dataset_copy(dataset, tmp_path) -> Path:
+    """A private copy a test may damage."""
+    return Path(shutil.copytree(dataset, tmp_path / "ds"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session; the job reuses a running Ray instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_ephemeral():
+    """Prefect's own test harness: a temporary database and an ephemeral API for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
