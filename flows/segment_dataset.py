@@ -36,7 +36,12 @@ def infer_task(plan: JobPlan) -> tuple[list, float]:
         bar.update(summary.images)
         logger.info(
             "shard %s done: %d images, %d errors, %.1fs (%d/%d shards)",
-            summary.shard_id, summary.images, summary.errors, summary.seconds, len(done), len(pending),
+            summary.shard_id,
+            summary.images,
+            summary.errors,
+            summary.seconds,
+            len(done),
+            len(pending),
         )
 
     start = time.perf_counter()

@@ -15,6 +15,7 @@ log = logging.getLogger("segpipe")
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from pipeline.config import load_config
+    from pipeline.job import preflight
 
     overrides = dict(
         input_uri=args.input,
@@ -26,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
         actors=args.actors,
         batch_size=args.batch_size,
     )
-    load_config(args.config, **overrides)  # fail on a bad config before Prefect or Ray start
+    # Fail on a bad config, path or checkpoint before Prefect or Ray start; the flow checks again.
+    preflight(load_config(args.config, **overrides))
     from flows.segment_dataset import segment_dataset
     from pipeline.report import format_summary
 

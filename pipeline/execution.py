@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.config import JobConfig
 from pipeline.planning import Shard
@@ -44,11 +44,12 @@ def run_shards(
     import ray
 
     started = _connect(cfg)
+    actors = []
     try:
         n = min(cfg.actors, len(shards))
-        total_cpus = int(ray.cluster_resources().get("CPU", 1))
-        use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= n
-        cpus = max(1, total_cpus // n)
+        resources = ray.cluster_resources()
+        cpus = max(1, int(resources.get("CPU", 1)) // n)
+        use_gpu = cfg.device != "cpu" and resources.get("GPU", 0) >= n
         worker = ray.remote(ShardProcessor).options(
             num_cpus=cpus,
             num_gpus=1 if use_gpu else 0,
@@ -57,26 +58,28 @@ def run_shards(
             max_task_retries=2,
         )
         actors = [worker.remote(cfg, run_id, torch_threads=cpus) for _ in range(n)]
-        pending: dict = {}
         queue = list(shards)
+        pending: dict = {}  # object ref -> index of the actor working on it
         summaries: list[ShardSummary] = []
-        # Two shards in flight per actor: the next one waits in the actor's queue, never idle.
+
+        def submit(idx: int) -> None:
+            pending[actors[idx].__call__.remote(queue.pop(0))] = idx
+
+        # Two shards per actor: the next one waits in the actor's own queue, so no actor idles.
         for i in range(min(2 * n, len(queue))):
-            shard = queue.pop(0)
-            pending[actors[i % n].__call__.remote(shard)] = i % n
+            submit(i % n)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
             idx = pending.pop(ref)
             summary = ray.get(ref)
             summaries.append(summary)
             if on_done:
                 on_done(summary)
             if queue:
-                pending[actors[idx].__call__.remote(queue.pop(0))] = idx
-        for a in actors:
-            ray.kill(a)
+                submit(idx)
         return summaries
     finally:
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()

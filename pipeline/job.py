@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -77,14 +77,16 @@ def _require_dir(uri: str, what: str) -> tuple:
     return fs, path
 
 
-def plan_job(cfg: JobConfig) -> JobPlan:
-    """Check every location and the checkpoint, list and shard the input, and find committed shards.
+@dataclass(frozen=True)
+class Preflight:
+    cfg: JobConfig  # with ``model`` filled in from the checkpoint when the config left it out
+    meta: ModelMeta
+    checkpoint_sha256: str
 
-    Raises a SegpipeError naming the path at fault before anything is written.
-    """
-    start = time.perf_counter()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    in_fs, in_root = _require_dir(cfg.input_uri, "input")
+
+def preflight(cfg: JobConfig) -> Preflight:
+    """Check every location and the checkpoint; raise a SegpipeError naming the one at fault."""
+    _require_dir(cfg.input_uri, "input")
     if cfg.labels_uri:
         _require_dir(cfg.labels_uri, "labels")
     try:
@@ -93,9 +95,21 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint_uri}: {e}") from e
     _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model)
-    sha = sha256_hex(data)
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": meta.arch})
+    return Preflight(cfg, meta, sha256_hex(data))
+
+
+def plan_job(cfg: JobConfig) -> JobPlan:
+    """Preflight, then list and shard the input and find the shards a previous attempt committed.
+
+    Raises a SegpipeError naming the path at fault before anything is written.
+    """
+    start = time.perf_counter()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    checked = preflight(cfg)
+    cfg, meta, sha = checked.cfg, checked.meta, checked.checkpoint_sha256
+    in_fs, in_root = storage.resolve(cfg.input_uri)
     rels = list_images(in_fs, in_root)
     if not rels:
         raise InputError(f"input {cfg.input_uri} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -171,7 +185,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         "run_id": plan.run_id,
         "status": "complete",
         "started_at": plan.started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": __version__,
         "config": cfg.model_dump(),
         "model": {

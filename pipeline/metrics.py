@@ -30,7 +30,9 @@ DEFINITIONS = {
 }
 
 
-def confusion_counts(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def confusion_counts(
+    gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
     """The [C, C] int64 confusion matrix of one label/prediction pair (bincount, as torchvision does)."""
     gt = np.asarray(gt).reshape(-1)
     pred = np.asarray(pred).reshape(-1)

@@ -66,7 +66,7 @@ class Predictor:
         for idx in buckets.values():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
-                for i, pred in zip(chunk, self._forward_same_size([images[i] for i in chunk])):
+                for i, pred in zip(chunk, self._forward_same_size([images[i] for i in chunk]), strict=True):
                     out[i] = pred
         return out  # type: ignore[return-value]
 
@@ -79,7 +79,11 @@ class Predictor:
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         x = self._fit_input(x)
-        ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
         with ctx:
             logits = self.model(x)
         if isinstance(logits, dict):  # torchvision segmentation models return {"out": ...}
@@ -89,7 +93,7 @@ class Predictor:
         conf = torch.exp(top - torch.logsumexp(logits, dim=1)).mean(dim=(1, 2))
         masks = labels.to(torch.uint8).cpu().numpy()
         confs = conf.cpu().numpy()
-        return [Prediction(m, float(c)) for m, c in zip(masks, confs)]
+        return [Prediction(m, float(c)) for m, c in zip(masks, confs, strict=True)]
 
     def _fit_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.meta.input_policy == "resize":

@@ -26,5 +26,5 @@ def format_summary(result: dict) -> str:
         ]
     else:
         lines.append("no labels: dataset metrics not computed")
-    lines.append(f"outputs: masks/, stats/*.parquet, metrics.json, confusion_matrix.parquet, manifest.json")
+    lines.append("outputs: masks/, stats/*.parquet, metrics.json, confusion_matrix.parquet, manifest.json")
     return "\n".join(lines)

@@ -77,8 +77,10 @@ class ShardProcessor:
         )
         decoded = list(self.pool.map(_decode_or_reason, raw))
         ok = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        preds = dict(zip(ok, self.predictor.predict([decoded[i] for i in ok])))
-        rows = list(self.pool.map(lambda i: self._row(shard, i, decoded[i], preds.get(i), labels_raw[i]), range(len(items))))
+        preds = dict(zip(ok, self.predictor.predict([decoded[i] for i in ok]), strict=True))
+        rows = list(
+            self.pool.map(lambda i: self._row(shard, i, decoded[i], preds.get(i), labels_raw[i]), range(len(items)))
+        )
         write_stats(self.out_fs, stats_path(self.out_root, shard.shard_id), rows, self.run_id)
         return ShardSummary(
             shard_id=shard.shard_id,

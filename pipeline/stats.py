@@ -14,7 +14,7 @@ def class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
 def sparse_confusion(mat: np.ndarray) -> list[dict]:
     """The non-zero cells of a confusion matrix: enough to re-reduce any subset of images exactly."""
     gt, pred = np.nonzero(mat)
-    return [{"gt": int(i), "pred": int(j), "count": int(mat[i, j])} for i, j in zip(gt, pred)]
+    return [{"gt": int(i), "pred": int(j), "count": int(mat[i, j])} for i, j in zip(gt, pred, strict=True)]
 
 
 def image_stats(mask: np.ndarray, num_classes: int, label: np.ndarray | None) -> dict:

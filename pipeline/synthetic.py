@@ -25,8 +25,9 @@ CLASS_NAMES = ("background", "circle", "rectangle", "triangle", "star")
 SIZES = ((160, 160), (128, 192), (192, 144))  # (height, width): several, so batching must bucket
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A random RGB texture in [0, 255]: flat, gradient, stripes, checker or blotches."""
+def _texture(rng: np.random.Generator, h: int, w: int, strength: float) -> np.ndarray:
+    """A random RGB texture in [0, 255]: flat, gradient, stripes, checker or blotches, mixing two colours
+    with a weight of up to ``strength``."""
     base = rng.uniform(0, 255, 3)
     other = rng.uniform(0, 255, 3)
     kind = rng.integers(5)
@@ -47,8 +48,7 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     else:
         coarse = rng.uniform(0, 1, (max(2, h // 16), max(2, w // 16))).astype(np.float32)
         t = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
-    strength = rng.uniform(0.2, 0.6)
-    t = t[..., None] * strength
+    t = t[..., None] * rng.uniform(0.0, strength)
     return base * (1 - t) + other * t
 
 
@@ -71,6 +71,23 @@ def _shape_polygon(rng: np.random.Generator, cls: int, cx: float, cy: float, r: 
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
+def _place_shape(rng: np.random.Generator, cls: int, label: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The pixel mask of a new shape; shapes may overlap, but mostly they cover under a quarter of each other."""
+    r = rng.uniform(9, 22)
+    for _ in range(10):
+        cx, cy = rng.uniform(r / 2, w - r / 2), rng.uniform(r / 2, h - r / 2)
+        shape = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(shape)
+        if cls == 1:
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        else:
+            draw.polygon(_shape_polygon(rng, cls, cx, cy, r), fill=255)
+        inside = np.asarray(shape) > 127
+        if (label[inside] > 0).mean() < 0.25:
+            break
+    return inside
+
+
 def _ignore_borders(label: np.ndarray) -> np.ndarray:
     """Mark pixels whose 4-neighbourhood holds another class as 255 (VOC's border band)."""
     edge = np.zeros(label.shape, bool)
@@ -87,22 +104,14 @@ def generate_sample(seed: int, index: int) -> tuple[Image.Image, np.ndarray]:
     """Image ``index`` of the dataset with ``seed``: an RGB image and its uint8 label."""
     rng = np.random.default_rng([seed, index])
     h, w = SIZES[int(rng.integers(len(SIZES)))]
-    canvas = _texture(rng, h, w)
+    canvas = _texture(rng, h, w, strength=0.6)
     label = np.zeros((h, w), np.uint8)
-    for _ in range(int(rng.integers(2, 7))):
+    for _ in range(int(rng.integers(4, 12))):
         cls = int(rng.integers(1, len(CLASS_NAMES)))
-        r = rng.uniform(12, min(h, w) / 3.5)
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        shape = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(shape)
-        if cls == 1:
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        else:
-            draw.polygon(_shape_polygon(rng, cls, cx, cy, r), fill=255)
-        inside = np.asarray(shape) > 127
-        canvas[inside] = _texture(rng, h, w)[inside]
+        inside = _place_shape(rng, cls, label, h, w)
+        canvas[inside] = _texture(rng, h, w, strength=0.3)[inside]  # milder: the outline must stay visible
         label[inside] = cls
-    canvas += rng.normal(0, rng.uniform(2, 12), canvas.shape)
+    canvas += rng.normal(0, rng.uniform(2, 8), canvas.shape)
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     if rng.uniform() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))

@@ -53,7 +53,9 @@ def load_labeled(uri: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def _batch(pairs, rng: np.random.Generator, size: int, crop: int, meta: ModelMeta, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    pairs, rng: np.random.Generator, size: int, crop: int, meta: ModelMeta, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for k in rng.integers(len(pairs), size=size):
         img, lbl = pairs[k]
@@ -76,7 +78,7 @@ def evaluate(predictor: Predictor, pairs) -> dict:
     cm = ConfusionMatrix(predictor.meta.num_classes)
     for start in range(0, len(pairs), 32):
         chunk = pairs[start : start + 32]
-        for (_, lbl), pred in zip(chunk, predictor.predict([img for img, _ in chunk])):
+        for (_, lbl), pred in zip(chunk, predictor.predict([img for img, _ in chunk]), strict=True):
             cm.update(lbl, pred.mask)
     return cm.compute()
 
@@ -87,10 +89,14 @@ def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     train_pairs, val_pairs = load_labeled(cfg.data_uri), load_labeled(cfg.val_uri)
     model = get_model(cfg.model, num_classes=len(cfg.class_names)).to(device)
-    meta = ModelMeta(arch=cfg.model, class_names=tuple(cfg.class_names), input_policy="pad", stride=getattr(model, "stride", 1))
+    meta = ModelMeta(
+        arch=cfg.model, class_names=tuple(cfg.class_names), input_policy="pad", stride=getattr(model, "stride", 1)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     best, history, start = -1.0, [], time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
@@ -106,7 +112,10 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = evaluate(Predictor(model, meta, device=str(device), batch_size=32), val_pairs)
         history.append({"epoch": epoch + 1, "loss": float(loss.item()), "val_mean_iou": metrics["mean_iou"]})
-        log.info("epoch %d: loss %.4f, validation mIoU %.4f", epoch + 1, loss.item(), metrics["mean_iou"])
+        per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(cfg.class_names, metrics["per_class"]["iou"], strict=True))
+        log.info(
+            "epoch %d: loss %.4f, validation mIoU %.4f (%s)", epoch + 1, loss.item(), metrics["mean_iou"], per_class
+        )
         if metrics["mean_iou"] > best:
             best = metrics["mean_iou"]
             extra = {"val_mean_iou": best, "epoch": epoch + 1, "train_seconds": time.perf_counter() - start}

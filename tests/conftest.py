@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "pipeline" / "models" / "weights" / "unet_tiny_shapes.pt"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' own tensors are tiny: one intra-op thread is fastest and leaves the cores to Ray's actors."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     return CHECKPOINT

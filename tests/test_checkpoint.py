@@ -15,15 +15,6 @@ from pipeline.models import get_model
 from pipeline.models.checkpoint import FORMAT, ModelMeta, load_checkpoint, save_checkpoint, sha256_hex
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _model(num_classes=3, width=4, seed=0):
     torch.manual_seed(seed)
     model = get_model("unet_tiny", num_classes=num_classes, width=width)

@@ -179,7 +179,9 @@ def test_rerun_into_the_same_output_skips_committed_shards(first_run, dataset, c
     assert read_stats(out).equals(before)
 
 
-def test_bad_files_become_error_rows_and_the_run_completes(dataset_copy, checkpoint, tmp_path, ray_local, prefect_ephemeral):
+def test_bad_files_become_error_rows_and_the_run_completes(
+    dataset_copy, checkpoint, tmp_path, ray_local, prefect_ephemeral
+):
     images, labels = dataset_copy / "images", dataset_copy / "labels"
     (images / "corrupt.jpg").write_bytes(b"this is not an image at all" * 10)
     (images / "empty.png").write_bytes(b"")

@@ -13,15 +13,6 @@ from pipeline.metrics import ConfusionMatrix, compute_metrics, confusion_counts
 from pipeline.stats import sparse_confusion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_hand_worked_3x3():
     # rows: ground truth, columns: prediction
     mat = np.array([[5, 2, 1], [1, 6, 3], [0, 2, 7]], dtype=np.int64)

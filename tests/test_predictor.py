@@ -10,16 +10,6 @@ from pipeline.models import get_model
 from pipeline.models.checkpoint import ModelMeta
 from pipeline.predictor import Prediction, Predictor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 META = ModelMeta(arch="unet_tiny", class_names=("a", "b", "c"), stride=16)
 
 

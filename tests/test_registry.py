@@ -9,15 +9,6 @@ from pipeline.models import get_model, list_models, register_model
 from pipeline.models.unet_tiny import UNetTiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_list_models():
     models = list_models()
     assert "unet_tiny" in models

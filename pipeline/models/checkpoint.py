@@ -94,7 +94,9 @@ def load_checkpoint(data: bytes, source: str, expect_arch: str | None = None) ->
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {source} lacks or garbles its metadata: {e!r}") from e
     if expect_arch is not None and meta.arch != expect_arch:
-        raise CheckpointError(f"checkpoint {source} is for model {meta.arch!r}, but the config asks for {expect_arch!r}")
+        raise CheckpointError(
+            f"checkpoint {source} is for model {meta.arch!r}, but the config asks for {expect_arch!r}"
+        )
     try:
         model = get_model(meta.arch, num_classes=meta.num_classes, **meta.arch_kwargs)
         model.load_state_dict(state_dict)

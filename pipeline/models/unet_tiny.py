@@ -47,7 +47,7 @@ class UNetTiny(nn.Module):
             skips.append(x)
             x = F.max_pool2d(x, 2, ceil_mode=True)
         x = self.bottom(x)
-        for block, skip in zip(self.up, reversed(skips)):
+        for block, skip in zip(self.up, reversed(skips), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
