@@ -39,6 +39,8 @@ class ShardSummary:
 
 
 def _read_optional(fs, path: str) -> bytes | None:
+    """None for a missing object. Other storage errors propagate: the shard fails and is retried whole,
+    rather than a passing outage being written down as a bad image."""
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
@@ -63,7 +65,7 @@ class ShardProcessor:
         self.palette = self.meta.palette_array()
         self.in_fs, self.in_root = storage.resolve(cfg.input_uri)
         self.out_fs, self.out_root = storage.resolve(cfg.output_uri)
-        self.lbl = storage.resolve(cfg.labels_uri) if cfg.labels_uri else None
+        self.lbl_fs, self.lbl_root = storage.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
         self.pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="segpipe-io")
 
     def __call__(self, shard: Shard) -> ShardSummary:
@@ -71,8 +73,8 @@ class ShardProcessor:
         items = shard.items
         raw = list(self.pool.map(lambda rel: _read_optional(self.in_fs, storage.join(self.in_root, rel)), items))
         labels_raw = (
-            list(self.pool.map(lambda rel: _read_optional(self.lbl[0], self._label_path(rel)), items))
-            if self.lbl
+            list(self.pool.map(lambda rel: _read_optional(self.lbl_fs, self._label_path(rel)), items))
+            if self.lbl_fs
             else [None] * len(items)
         )
         decoded = list(self.pool.map(_decode_or_reason, raw))
@@ -91,7 +93,7 @@ class ShardProcessor:
         )
 
     def _label_path(self, rel: str) -> str:
-        return storage.join(self.lbl[1], label_path_for(rel))
+        return storage.join(self.lbl_root, label_path_for(rel))
 
     def _row(self, shard: Shard, i: int, image, pred, label_bytes: bytes | None) -> dict:
         """Validate the label, write the mask, and build the image's stats row."""
@@ -110,7 +112,7 @@ class ShardProcessor:
         h, w = pred.mask.shape
         label, label_error = None, None
         if label_bytes is not None:
-            row["label_uri"] = storage.to_uri(self.lbl[0], self._label_path(rel))
+            row["label_uri"] = storage.to_uri(self.lbl_fs, self._label_path(rel))
             try:
                 label = decode_label(label_bytes)
                 validate_label(label, h, w, self.meta.num_classes)

@@ -31,11 +31,11 @@ class TrainConfig:
     output: str
     model: str = "unet_tiny"
     class_names: tuple[str, ...] = ()
-    epochs: int = 10
+    epochs: int = 40
     steps_per_epoch: int = 100
     batch_size: int = 16
-    crop: int = 128
-    lr: float = 3e-3
+    crop: int = 96
+    lr: float = 2e-3
     seed: int = 0
     device: str = "auto"
 

@@ -93,6 +93,13 @@ def test_every_output_exists_with_the_documented_schema(first_run, dataset):
     assert "nan_policy" in metrics["definitions"]
 
 
+def test_shipped_checkpoint_really_segments(first_run):
+    """The demo promise: mean IoU >= 0.85 on images of a seed the checkpoint never saw."""
+    _, result = first_run
+    assert result["metrics"]["mean_iou"] >= 0.85
+    assert all(c["iou"] >= 0.7 for c in result["metrics"]["per_class"].values())
+
+
 def test_masks_agree_with_a_plain_single_image_forward(first_run, dataset, checkpoint):
     out, _ = first_run
     model, meta = load_checkpoint(checkpoint.read_bytes(), str(checkpoint))
