@@ -30,10 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     # Fail on a bad config, path or checkpoint before Prefect or Ray start; the flow checks again.
     preflight(load_config(args.config, **overrides))
     from flows.segment_dataset import segment_dataset
-    from pipeline.report import format_summary
 
-    result = segment_dataset(config_path=args.config, **overrides)
-    print(format_summary(result))
+    segment_dataset(config_path=args.config, **overrides)  # the flow logs the end-of-run summary
     return 0
 
 

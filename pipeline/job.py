@@ -56,10 +56,6 @@ class JobPlan:
     def pending(self) -> list[Shard]:
         return [s for s in self.shards if s.shard_id not in self.committed]
 
-    @property
-    def num_images(self) -> int:
-        return sum(len(s.items) for s in self.shards)
-
 
 def run_id_for(cfg: JobConfig, checkpoint_sha256: str) -> str:
     """Deterministic: the same job into the same output keeps its id across resumes."""
@@ -67,14 +63,14 @@ def run_id_for(cfg: JobConfig, checkpoint_sha256: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _require_dir(uri: str, what: str) -> tuple:
+def _require_dir(uri: str, what: str) -> None:
     try:
         fs, path = storage.resolve(uri)
-        if not fs.isdir(path):
-            raise InputError(f"{what} {uri} does not exist or is not a folder")
+        is_dir = fs.isdir(path)
     except (OSError, ValueError) as e:
         raise InputError(f"{what} {uri} cannot be read: {e}") from e
-    return fs, path
+    if not is_dir:
+        raise InputError(f"{what} {uri} does not exist or is not a folder")
 
 
 @dataclass(frozen=True)

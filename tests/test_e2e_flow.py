@@ -186,6 +186,21 @@ def test_rerun_into_the_same_output_skips_committed_shards(first_run, dataset, c
     assert read_stats(out).equals(before)
 
 
+def test_output_of_another_job_is_refused_and_left_untouched(first_run, dataset, checkpoint):
+    from pipeline.errors import InputError
+
+    out, _ = first_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(InputError, match="another job"):
+        run_flow(
+            input_uri=str(dataset / "images"),
+            output_uri=str(out),
+            checkpoint_uri=str(checkpoint),
+            shard_size=6,  # other shards: results would not be comparable with what is there
+        )
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 def test_bad_files_become_error_rows_and_the_run_completes(
     dataset_copy, checkpoint, tmp_path, ray_local, prefect_ephemeral
 ):
