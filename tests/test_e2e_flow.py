@@ -49,10 +49,8 @@ def plain_forward(model, meta, image: np.ndarray) -> np.ndarray:
     return logits.argmax(1)[0].numpy().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def first_run(dataset, checkpoint, tmp_path_factory, ray_local, prefect_ephemeral):
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run_flow(
+def first_run_params(dataset: Path, checkpoint: Path, out: Path) -> dict:
+    return dict(
         input_uri=str(dataset / "images"),
         labels_uri=str(dataset / "labels"),
         output_uri=str(out),
@@ -61,7 +59,12 @@ def first_run(dataset, checkpoint, tmp_path_factory, ray_local, prefect_ephemera
         actors=2,
         batch_size=4,
     )
-    return out, result
+
+
+@pytest.fixture(scope="module")
+def first_run(dataset, checkpoint, tmp_path_factory, ray_local, prefect_ephemeral):
+    out = tmp_path_factory.mktemp("run") / "out"
+    return out, run_flow(**first_run_params(dataset, checkpoint, out))
 
 
 def test_every_output_exists_with_the_documented_schema(first_run, dataset):
@@ -171,15 +174,7 @@ def test_other_shard_size_batch_size_and_actor_count_give_identical_metrics(firs
 def test_rerun_into_the_same_output_skips_committed_shards(first_run, dataset, checkpoint):
     out, result = first_run
     before = read_stats(out)
-    again = run_flow(
-        input_uri=str(dataset / "images"),
-        labels_uri=str(dataset / "labels"),
-        output_uri=str(out),
-        checkpoint_uri=str(checkpoint),
-        shard_size=8,
-        actors=2,
-        batch_size=4,
-    )
+    again = run_flow(**first_run_params(dataset, checkpoint, out))
     assert again["manifest"]["counts"]["shards_skipped"] == 3
     assert again["metrics"]["run_id"] == result["metrics"]["run_id"]
     assert again["metrics"]["mean_iou"] == result["metrics"]["mean_iou"]
