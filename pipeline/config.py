@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from pipeline import storage
 from pipeline.errors import ConfigError
 
 
@@ -17,6 +18,45 @@ def _absolute(uri: str) -> str:
     if "://" in uri:
         return uri
     return os.path.abspath(os.path.expanduser(uri))
+
+
+class StorageConfig(BaseModel):
+    """Object-store settings for s3:// URIs. Anything left out comes from the standard AWS environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    region: str | None = None
+    profile: str | None = Field(None, description="a profile of ~/.aws/credentials")
+    key: SecretStr | None = Field(None, description="access key id; never logged or written")
+    secret: SecretStr | None = Field(None, description="secret access key; never logged or written")
+    anon: bool = Field(False, description="anonymous access, for public buckets")
+
+    def options(self, uri: str) -> dict[str, Any]:
+        """fsspec options for ``uri``: the S3 settings for s3:// URIs, nothing for other protocols."""
+        if not uri.startswith(("s3://", "s3a://")):
+            return {}
+        # botocore's standard retry mode backs off on 5xx, throttling, timeouts and connection resets.
+        opts: dict[str, Any] = {
+            "anon": self.anon,
+            "config_kwargs": {
+                "connect_timeout": 5,
+                "read_timeout": 60,
+                "retries": {"max_attempts": 5, "mode": "standard"},
+            },
+        }
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        if self.profile:
+            opts["profile"] = self.profile
+        if self.key is not None:
+            opts["key"] = self.key.get_secret_value()
+        if self.secret is not None:
+            opts["secret"] = self.secret.get_secret_value()
+        if self.region:
+            opts["client_kwargs"] = {"region_name": self.region}
+        return opts
 
 
 class JobConfig(BaseModel):
@@ -37,6 +77,11 @@ class JobConfig(BaseModel):
     io_threads: int = Field(8, ge=1, le=256, description="threads per actor for reading, decoding, encoding")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local Ray")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
+
+    def resolve(self, uri: str):
+        """``(fs, path)`` for one of this job's URIs, with the storage settings applied."""
+        return storage.resolve(uri, **self.storage.options(uri))
 
     @field_validator("input_uri", "output_uri", "labels_uri", "checkpoint_uri")
     @classmethod

@@ -63,14 +63,26 @@ def run_id_for(cfg: JobConfig, checkpoint_sha256: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _require_dir(uri: str, what: str) -> None:
+def _require_dir(cfg: JobConfig, uri: str, what: str) -> None:
     try:
-        fs, path = storage.resolve(uri)
+        fs, path = cfg.resolve(uri)
         is_dir = fs.isdir(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # any client error (botocore's are not OSErrors) means the location is unusable
         raise InputError(f"{what} {uri} cannot be read: {e}") from e
     if not is_dir:
         raise InputError(f"{what} {uri} does not exist or is not a folder")
+
+
+def _require_output(cfg: JobConfig) -> None:
+    """The output's bucket must exist and answer; a local output folder is created by the first write."""
+    try:
+        fs, root = cfg.resolve(cfg.output_uri)
+        bucket = storage.bucket_of(fs, root)
+        missing = bucket is not None and not fs.exists(bucket)
+    except Exception as e:
+        raise InputError(f"output {cfg.output_uri} cannot be reached: {e}") from e
+    if missing:
+        raise InputError(f"output {cfg.output_uri}: bucket {bucket} does not exist")
 
 
 @dataclass(frozen=True)
@@ -82,13 +94,14 @@ class Preflight:
 
 def preflight(cfg: JobConfig) -> Preflight:
     """Check every location and the checkpoint; raise a SegpipeError naming the one at fault."""
-    _require_dir(cfg.input_uri, "input")
+    _require_dir(cfg, cfg.input_uri, "input")
     if cfg.labels_uri:
-        _require_dir(cfg.labels_uri, "labels")
+        _require_dir(cfg, cfg.labels_uri, "labels")
+    _require_output(cfg)
     try:
-        ckpt_fs, ckpt_path = storage.resolve(cfg.checkpoint_uri)
+        ckpt_fs, ckpt_path = cfg.resolve(cfg.checkpoint_uri)
         data = ckpt_fs.cat_file(ckpt_path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # missing file, unreachable store, denied access
         raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint_uri}: {e}") from e
     _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model)
     if cfg.model is None:
@@ -105,13 +118,14 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     checked = preflight(cfg)
     cfg, meta, sha = checked.cfg, checked.meta, checked.checkpoint_sha256
-    in_fs, in_root = storage.resolve(cfg.input_uri)
+    in_fs, in_root = cfg.resolve(cfg.input_uri)
     rels = list_images(in_fs, in_root)
     if not rels:
         raise InputError(f"input {cfg.input_uri} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     shards = make_shards(rels, cfg.shard_size)
     run_id = run_id_for(cfg, sha)
-    out_fs, out_root = storage.resolve(cfg.output_uri)
+    out_fs, out_root = cfg.resolve(cfg.output_uri)
+    out_fs.invalidate_cache()  # object-store listings are cached per process; another may have written
     committed = _committed_shards(out_fs, out_root, shards, run_id, cfg.output_uri)
     removed = storage.remove_temporaries(out_fs, out_root)
     if removed:
@@ -153,7 +167,8 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     """Reduce every shard's stats into metrics.json and confusion_matrix.parquet; write manifest.json last."""
     start = time.perf_counter()
     cfg, meta = plan.cfg, plan.meta
-    fs, root = storage.resolve(cfg.output_uri)
+    fs, root = cfg.resolve(cfg.output_uri)
+    fs.invalidate_cache()  # the actors wrote the parts from other processes
     paths = [stats_path(root, s.shard_id) for s in plan.shards]
     missing = [p for p in paths if not fs.exists(p)]
     if missing:
@@ -183,7 +198,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         "started_at": plan.started_at,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": __version__,
-        "config": cfg.model_dump(),
+        "config": cfg.model_dump(mode="json"),  # secrets come out as "**********"
         "model": {
             "name": cfg.model,
             "checkpoint_uri": cfg.checkpoint_uri,

@@ -57,15 +57,15 @@ class ShardProcessor:
             torch.set_num_threads(torch_threads)
         self.cfg = cfg
         self.run_id = run_id
-        ckpt_fs, ckpt_path = storage.resolve(cfg.checkpoint_uri)
+        ckpt_fs, ckpt_path = cfg.resolve(cfg.checkpoint_uri)
         model, self.meta = load_checkpoint(ckpt_fs.cat_file(ckpt_path), cfg.checkpoint_uri, expect_arch=cfg.model)
         self.predictor = Predictor(
             model, self.meta, device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision
         )
         self.palette = self.meta.palette_array()
-        self.in_fs, self.in_root = storage.resolve(cfg.input_uri)
-        self.out_fs, self.out_root = storage.resolve(cfg.output_uri)
-        self.lbl_fs, self.lbl_root = storage.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
+        self.in_fs, self.in_root = cfg.resolve(cfg.input_uri)
+        self.out_fs, self.out_root = cfg.resolve(cfg.output_uri)
+        self.lbl_fs, self.lbl_root = cfg.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
         self.pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="segpipe-io")
 
     def __call__(self, shard: Shard) -> ShardSummary:

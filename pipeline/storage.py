@@ -30,6 +30,11 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def bucket_of(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The bucket a path lies in on an object store; None for a local filesystem."""
+    return None if isinstance(fs, LocalFileSystem) else path.split("/", 1)[0]
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if isinstance(fs, LocalFileSystem):

@@ -1,0 +1,163 @@
+"""s3:// end to end against a real S3 server (SeaweedFS), and the storage failures that must stop a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import configure_logging
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from pipeline.job import preflight
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+# Columns that name where things are, or the job's id (which includes the input URI).
+LOCATION_COLUMNS = ["run_id", "source_uri", "mask_uri", "label_uri"]
+
+
+def write_config(tmp_path, **fields) -> str:
+    path = tmp_path / f"job-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return str(path)
+
+
+def storage_fields(server, **overrides) -> dict:
+    return {"storage": {"endpoint_url": server.endpoint, "key": server.key, "secret": server.secret} | overrides}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, dataset, checkpoint) -> str:
+    fs = s3_server.fs()
+    name = f"segpipe-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(name)
+    fs.put(str(dataset / "images"), f"{name}/data/images", recursive=True)
+    fs.put(str(dataset / "labels"), f"{name}/data/labels", recursive=True)
+    fs.put(str(checkpoint), f"{name}/models/unet_tiny_shapes.pt")
+    return name
+
+
+def test_s3_run_equals_local_run_and_leaks_no_secret(
+    s3_server, bucket, dataset, checkpoint, tmp_path, ray_local, prefect_ephemeral, caplog
+):
+    from flows.segment_dataset import segment_dataset
+
+    configure_logging(verbose=True)  # what `segpipe -v run` sets up
+    caplog.set_level(logging.DEBUG)
+    shape = dict(shard_size=8, actors=2, batch_size=4)
+    s3_cfg = write_config(
+        tmp_path,
+        input_uri=f"s3://{bucket}/data/images",
+        labels_uri=f"s3://{bucket}/data/labels",
+        output_uri=f"s3://{bucket}/out",
+        checkpoint_uri=f"s3://{bucket}/models/unet_tiny_shapes.pt",
+        **storage_fields(s3_server),
+    )
+    remote = segment_dataset(config_path=s3_cfg, **shape)
+    local = segment_dataset(
+        input_uri=str(dataset / "images"),
+        labels_uri=str(dataset / "labels"),
+        output_uri=str(tmp_path / "local"),
+        checkpoint_uri=str(checkpoint),
+        **shape,
+    )
+
+    fs = s3_server.fs()
+    parts = sorted(fs.glob(f"{bucket}/out/stats/part-*.parquet"))
+    assert len(parts) == 3
+    remote_rows = pq.read_table([f"{p}" for p in parts], filesystem=fs).sort_by("image_id")
+    local_rows = pq.read_table(sorted((tmp_path / "local" / "stats").glob("*.parquet"))).sort_by("image_id")
+    assert remote_rows.drop(LOCATION_COLUMNS).equals(local_rows.drop(LOCATION_COLUMNS))
+    assert all(u.startswith(f"s3://{bucket}/out/masks/") for u in remote_rows["mask_uri"].to_pylist())
+    assert len(fs.glob(f"{bucket}/out/masks/**/*.png")) == 24
+    remote_metrics = json.loads(fs.cat_file(f"{bucket}/out/metrics.json"))
+    local_metrics = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert remote_metrics.pop("run_id") != local_metrics.pop("run_id")
+    assert remote_metrics == local_metrics
+    assert remote["manifest"]["counts"] == local["manifest"]["counts"]
+
+    manifest = json.loads(fs.cat_file(f"{bucket}/out/manifest.json"))
+    assert manifest["config"]["storage"]["secret"] == "**********"
+    assert manifest["config"]["storage"]["key"] == "**********"
+    seen = [fs.cat_file(p) for p in fs.find(f"{bucket}/out")]
+    seen.append(caplog.text.encode())
+    for blob in seen:
+        assert s3_server.secret.encode() not in blob
+        assert s3_server.key.encode() not in blob
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("no-such-bucket-{u}/images", "does not exist"),
+        ("{bucket}/nothing-here-{u}", "does not exist"),
+    ],
+)
+def test_missing_bucket_or_prefix_stops_before_any_work(s3_server, bucket, checkpoint, tmp_path, where, needle):
+    uri = "s3://" + where.format(u=uuid.uuid4().hex[:6], bucket=bucket)
+    out = f"s3://{bucket}/never-written-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(
+        write_config(
+            tmp_path, input_uri=uri, output_uri=out, checkpoint_uri=str(checkpoint), **storage_fields(s3_server)
+        )
+    )
+    with pytest.raises(InputError) as err:
+        preflight(cfg)
+    assert f"input {uri} {needle}" in str(err.value)
+    assert not s3_server.fs().exists(out.removeprefix("s3://"))
+
+
+def test_output_bucket_that_does_not_exist_stops_before_any_work(s3_server, bucket, checkpoint, tmp_path):
+    out = f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/out"
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            input_uri=f"s3://{bucket}/data/images",
+            output_uri=out,
+            checkpoint_uri=str(checkpoint),
+            **storage_fields(s3_server),
+        )
+    )
+    with pytest.raises(InputError, match=f"output {out}: bucket no-such-bucket-.* does not exist"):
+        preflight(cfg)
+
+
+def test_wrong_credentials_name_the_uri_and_hide_the_secret(s3_server, bucket, checkpoint, tmp_path):
+    uri = f"s3://{bucket}/data/images"
+    wrong = "not-the-secret-0000"
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            input_uri=uri,
+            output_uri=str(tmp_path / "out"),
+            checkpoint_uri=str(checkpoint),
+            **storage_fields(s3_server, key="nobody", secret=wrong),
+        )
+    )
+    with pytest.raises(InputError) as err:
+        preflight(cfg)
+    assert f"input {uri} cannot be read" in str(err.value)
+    assert wrong not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_endpoint_names_the_uri(tmp_path, checkpoint, unused_port):
+    port = unused_port  # nothing listens there
+    uri = "s3://any-bucket/images"
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            input_uri=uri,
+            output_uri=str(tmp_path / "out"),
+            checkpoint_uri=str(checkpoint),
+            storage={"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"},
+        )
+    )
+    with pytest.raises(InputError, match=f"input {uri} cannot be read"):
+        preflight(cfg)
+    assert not (tmp_path / "out").exists()
