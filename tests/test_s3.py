@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 
 import pyarrow.parquet as pq
@@ -91,6 +92,18 @@ def test_s3_run_equals_local_run_and_leaks_no_secret(
         assert s3_server.key.encode() not in blob
 
 
+def preflight_error(tmp_path, checkpoint, input_uri: str, output_uri: str, storage: dict) -> InputError:
+    """The InputError that preflight raises for a job reading ``input_uri`` and writing ``output_uri``."""
+    cfg = load_config(
+        write_config(
+            tmp_path, input_uri=input_uri, output_uri=output_uri, checkpoint_uri=str(checkpoint), storage=storage
+        )
+    )
+    with pytest.raises(InputError) as err:
+        preflight(cfg)
+    return err.value
+
+
 @pytest.mark.parametrize(
     ("where", "needle"),
     [
@@ -101,63 +114,30 @@ def test_s3_run_equals_local_run_and_leaks_no_secret(
 def test_missing_bucket_or_prefix_stops_before_any_work(s3_server, bucket, checkpoint, tmp_path, where, needle):
     uri = "s3://" + where.format(u=uuid.uuid4().hex[:6], bucket=bucket)
     out = f"s3://{bucket}/never-written-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(
-        write_config(
-            tmp_path, input_uri=uri, output_uri=out, checkpoint_uri=str(checkpoint), **storage_fields(s3_server)
-        )
-    )
-    with pytest.raises(InputError) as err:
-        preflight(cfg)
-    assert f"input {uri} {needle}" in str(err.value)
+    err = preflight_error(tmp_path, checkpoint, uri, out, storage_fields(s3_server)["storage"])
+    assert f"input {uri} {needle}" in str(err)
     assert not s3_server.fs().exists(out.removeprefix("s3://"))
 
 
 def test_output_bucket_that_does_not_exist_stops_before_any_work(s3_server, bucket, checkpoint, tmp_path):
     out = f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/out"
-    cfg = load_config(
-        write_config(
-            tmp_path,
-            input_uri=f"s3://{bucket}/data/images",
-            output_uri=out,
-            checkpoint_uri=str(checkpoint),
-            **storage_fields(s3_server),
-        )
-    )
-    with pytest.raises(InputError, match=f"output {out}: bucket no-such-bucket-.* does not exist"):
-        preflight(cfg)
+    err = preflight_error(tmp_path, checkpoint, f"s3://{bucket}/data/images", out, storage_fields(s3_server)["storage"])
+    assert re.fullmatch(f"output {out}: bucket no-such-bucket-.* does not exist", str(err))
 
 
 def test_wrong_credentials_name_the_uri_and_hide_the_secret(s3_server, bucket, checkpoint, tmp_path):
     uri = f"s3://{bucket}/data/images"
     wrong = "not-the-secret-0000"
-    cfg = load_config(
-        write_config(
-            tmp_path,
-            input_uri=uri,
-            output_uri=str(tmp_path / "out"),
-            checkpoint_uri=str(checkpoint),
-            **storage_fields(s3_server, key="nobody", secret=wrong),
-        )
-    )
-    with pytest.raises(InputError) as err:
-        preflight(cfg)
-    assert f"input {uri} cannot be read" in str(err.value)
-    assert wrong not in str(err.value)
+    storage = storage_fields(s3_server, key="nobody", secret=wrong)["storage"]
+    err = preflight_error(tmp_path, checkpoint, uri, str(tmp_path / "out"), storage)
+    assert f"input {uri} cannot be read" in str(err)
+    assert wrong not in str(err)
     assert not (tmp_path / "out").exists()
 
 
 def test_unreachable_endpoint_names_the_uri(tmp_path, checkpoint, unused_port):
-    port = unused_port  # nothing listens there
     uri = "s3://any-bucket/images"
-    cfg = load_config(
-        write_config(
-            tmp_path,
-            input_uri=uri,
-            output_uri=str(tmp_path / "out"),
-            checkpoint_uri=str(checkpoint),
-            storage={"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"},
-        )
-    )
-    with pytest.raises(InputError, match=f"input {uri} cannot be read"):
-        preflight(cfg)
+    storage = {"endpoint_url": f"http://127.0.0.1:{unused_port}", "key": "k", "secret": "s"}  # nothing listens
+    err = preflight_error(tmp_path, checkpoint, uri, str(tmp_path / "out"), storage)
+    assert f"input {uri} cannot be read" in str(err)
     assert not (tmp_path / "out").exists()
