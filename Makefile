@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo s3-demo test test-fast lint clean
 
 $(STAMP): pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DATA) outputs/demo
 	$(BIN)/segpipe make-dataset $(DEMO_DATA) --count 96 --seed 2024
 	$(BIN)/segpipe run --config configs/demo.yaml
+
+# The same job with input, labels, checkpoint and output on a local S3 server (SeaweedFS) started and stopped here.
+s3-demo: $(STAMP)
+	rm -rf $(DEMO_DATA) outputs/s3-demo
+	$(BIN)/segpipe make-dataset $(DEMO_DATA) --count 96 --seed 2024
+	$(BIN)/python -m pipeline.devs3 --data $(DEMO_DATA) --folder outputs/s3-demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest

