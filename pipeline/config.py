@@ -76,6 +76,7 @@ class JobConfig(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
     io_threads: int = Field(8, ge=1, le=256, description="threads per actor for reading, decoding, encoding")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
+    shard_retries: int = Field(2, ge=0, le=10, description="reruns of a shard that failed (e.g. a storage outage)")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local Ray")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
 

@@ -47,12 +47,27 @@ class LocalS3:
             f"-admin.port.grpc={p[8]}", f"-webdav.port={p[9]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-admin.ui=false", f"-s3.config={self.folder / 's3.json'}",
         ]  # fmt: skip
+        self._args = args
+        self.endpoint = f"http://127.0.0.1:{p[6]}"
+        self._start()
+        return self
+
+    def _start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with open(self.folder / "weed.log", "ab") as log:
-            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.endpoint = f"http://127.0.0.1:{p[6]}"
+            self._proc = subprocess.Popen(
+                self._args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self._wait_ready(timeout=90)
-        return self
+
+    def crash(self) -> None:
+        """Kill the server outright (SIGKILL, as a crash would): clients see refused connections."""
+        os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+
+    def restart(self) -> None:
+        """Start again on the same ports and data after ``crash``."""
+        self._start()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from pipeline.config import JobConfig
@@ -59,19 +60,34 @@ def run_shards(
         )
         actors = [worker.remote(cfg, run_id, torch_threads=cpus) for _ in range(n)]
         queue = list(shards)
-        pending: dict = {}  # object ref -> index of the actor working on it
+        pending: dict = {}  # object ref -> (index of the actor working on it, its shard)
+        failures: dict[str, int] = {}
         summaries: list[ShardSummary] = []
 
         def submit(idx: int) -> None:
-            pending[actors[idx].__call__.remote(queue.pop(0))] = idx
+            shard = queue.pop(0)
+            pending[actors[idx].__call__.remote(shard)] = (idx, shard)
 
         # Two shards per actor: the next one waits in the actor's own queue, so no actor idles.
         for i in range(min(2 * n, len(queue))):
             submit(i % n)
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            idx = pending.pop(ref)
-            summary = ray.get(ref)
+            idx, shard = pending.pop(ref)
+            try:
+                summary = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                # A storage outage that outlasted the client's own retries. Shard writes are
+                # idempotent and the part is written last, so running the shard again is safe.
+                failures[shard.shard_id] = failures.get(shard.shard_id, 0) + 1
+                if failures[shard.shard_id] > cfg.shard_retries:
+                    raise
+                delay = 2 ** failures[shard.shard_id]
+                log.warning("shard %s failed (%s); retrying in %ds", shard.shard_id, getattr(e, "cause", e), delay)
+                time.sleep(delay)
+                queue.insert(0, shard)
+                submit(idx)
+                continue
             summaries.append(summary)
             if on_done:
                 on_done(summary)

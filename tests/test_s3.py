@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+import time
 import uuid
 
 import pyarrow.parquet as pq
@@ -141,3 +143,83 @@ def test_unreachable_endpoint_names_the_uri(tmp_path, checkpoint, unused_port):
     err = preflight_error(tmp_path, checkpoint, uri, str(tmp_path / "out"), storage)
     assert f"input {uri} cannot be read" in str(err)
     assert not (tmp_path / "out").exists()
+
+
+class _SeenShardRetry(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying in" in record.getMessage():
+            self.seen.set()
+
+
+@pytest.mark.parametrize("outage", ["short", "past_client_retries"])
+def test_server_crash_mid_run_loses_and_duplicates_nothing(
+    s3_server, bucket, dataset, checkpoint, tmp_path, ray_local, prefect_ephemeral, outage
+):
+    """SIGKILL the S3 server while shards are being written, keep it down, restart it: the run completes
+    with exactly the rows of a run that saw no outage. A short outage is absorbed by the S3 client's
+    retries; a long one (the server stays down until a shard has failed) by rerunning the shard."""
+    from flows.segment_dataset import segment_dataset
+
+    out = f"{bucket}/crash-{uuid.uuid4().hex[:6]}"
+    shape = dict(shard_size=2, actors=1, batch_size=2)
+    cfg = write_config(
+        tmp_path,
+        input_uri=f"s3://{bucket}/data/images",
+        labels_uri=f"s3://{bucket}/data/labels",
+        output_uri=f"s3://{out}",
+        checkpoint_uri=f"s3://{bucket}/models/unet_tiny_shapes.pt",
+        **shape,
+        **storage_fields(s3_server),
+    )
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = segment_dataset(config_path=cfg)
+        except BaseException as e:  # handed to the test thread below
+            outcome["error"] = e
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    watcher = s3_server.fs()
+    deadline = time.monotonic() + 180
+    while not watcher.glob(f"{out}/stats/part-*.parquet"):
+        assert runner.is_alive() and time.monotonic() < deadline, outcome
+        watcher.invalidate_cache()
+        time.sleep(0.1)
+    committed_before = len(watcher.glob(f"{out}/stats/part-*.parquet"))
+    assert committed_before < 12 and not watcher.exists(f"{out}/manifest.json")
+    watch = _SeenShardRetry()
+    logging.getLogger("pipeline.execution").addHandler(watch)
+    try:
+        s3_server.crash()
+        if outage == "short":
+            time.sleep(3)
+        else:
+            assert watch.seen.wait(timeout=120), "no shard failed and was retried"
+        s3_server.restart()
+        assert runner.is_alive()  # the run spanned the outage
+    finally:
+        logging.getLogger("pipeline.execution").removeHandler(watch)
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"]["manifest"]["counts"]["shards"] == 12
+
+    reference = segment_dataset(
+        input_uri=str(dataset / "images"),
+        labels_uri=str(dataset / "labels"),
+        output_uri=str(tmp_path / "local"),
+        checkpoint_uri=str(checkpoint),
+        **shape,
+    )
+    fs = s3_server.fs()
+    remote = pq.read_table(sorted(fs.glob(f"{out}/stats/part-*.parquet")), filesystem=fs).sort_by("image_id")
+    local = pq.read_table(sorted((tmp_path / "local" / "stats").glob("*.parquet"))).sort_by("image_id")
+    assert remote.num_rows == 24 and len(set(remote["image_id"].to_pylist())) == 24
+    assert remote.drop(LOCATION_COLUMNS).equals(local.drop(LOCATION_COLUMNS))
+    assert outcome["result"]["metrics"]["mean_iou"] == reference["metrics"]["mean_iou"]
