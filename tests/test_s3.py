@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -34,6 +35,35 @@ def storage_fields(server, **overrides) -> dict:
     return {"storage": server.storage_config() | overrides}
 
 
+def s3_job(tmp_path, server, bucket: str, out: str, **fields) -> str:
+    """A job config reading the uploaded dataset and checkpoint and writing to ``s3://<out>``."""
+    return write_config(
+        tmp_path,
+        input_uri=f"s3://{bucket}/data/images",
+        labels_uri=f"s3://{bucket}/data/labels",
+        output_uri=f"s3://{out}",
+        checkpoint_uri=f"s3://{bucket}/models/unet_tiny_shapes.pt",
+        **fields,
+        **storage_fields(server),
+    )
+
+
+def local_run(dataset, checkpoint, out, **fields) -> dict:
+    from flows.segment_dataset import segment_dataset
+
+    return segment_dataset(
+        input_uri=str(dataset / "images"),
+        labels_uri=str(dataset / "labels"),
+        output_uri=str(out),
+        checkpoint_uri=str(checkpoint),
+        **fields,
+    )
+
+
+def stats_table(fs, prefix: str):
+    return pq.read_table(sorted(fs.glob(f"{prefix}/stats/part-*.parquet")), filesystem=fs).sort_by("image_id")
+
+
 @pytest.fixture(scope="module")
 def bucket(s3_server, dataset, checkpoint) -> str:
     fs = s3_server.fs()
@@ -53,28 +83,13 @@ def test_s3_run_equals_local_run_and_leaks_no_secret(
     configure_logging(verbose=True)  # what `segpipe -v run` sets up
     caplog.set_level(logging.DEBUG)
     shape = dict(shard_size=8, actors=2, batch_size=4)
-    s3_cfg = write_config(
-        tmp_path,
-        input_uri=f"s3://{bucket}/data/images",
-        labels_uri=f"s3://{bucket}/data/labels",
-        output_uri=f"s3://{bucket}/out",
-        checkpoint_uri=f"s3://{bucket}/models/unet_tiny_shapes.pt",
-        **storage_fields(s3_server),
-    )
-    remote = segment_dataset(config_path=s3_cfg, **shape)
-    local = segment_dataset(
-        input_uri=str(dataset / "images"),
-        labels_uri=str(dataset / "labels"),
-        output_uri=str(tmp_path / "local"),
-        checkpoint_uri=str(checkpoint),
-        **shape,
-    )
+    remote = segment_dataset(config_path=s3_job(tmp_path, s3_server, bucket, f"{bucket}/out"), **shape)
+    local = local_run(dataset, checkpoint, tmp_path / "local", **shape)
 
     fs = s3_server.fs()
-    parts = sorted(fs.glob(f"{bucket}/out/stats/part-*.parquet"))
-    assert len(parts) == 3
-    remote_rows = pq.read_table([f"{p}" for p in parts], filesystem=fs).sort_by("image_id")
-    local_rows = pq.read_table(sorted((tmp_path / "local" / "stats").glob("*.parquet"))).sort_by("image_id")
+    assert len(fs.glob(f"{bucket}/out/stats/part-*.parquet")) == 3
+    remote_rows = stats_table(fs, f"{bucket}/out")
+    local_rows = stats_table(fsspec.filesystem("file"), str(tmp_path / "local"))
     assert remote_rows.drop(LOCATION_COLUMNS).equals(local_rows.drop(LOCATION_COLUMNS))
     assert all(u.startswith(f"s3://{bucket}/out/masks/") for u in remote_rows["mask_uri"].to_pylist())
     assert len(fs.glob(f"{bucket}/out/masks/**/*.png")) == 24
@@ -166,15 +181,7 @@ def test_server_crash_mid_run_loses_and_duplicates_nothing(
 
     out = f"{bucket}/crash-{uuid.uuid4().hex[:6]}"
     shape = dict(shard_size=2, actors=1, batch_size=2)
-    cfg = write_config(
-        tmp_path,
-        input_uri=f"s3://{bucket}/data/images",
-        labels_uri=f"s3://{bucket}/data/labels",
-        output_uri=f"s3://{out}",
-        checkpoint_uri=f"s3://{bucket}/models/unet_tiny_shapes.pt",
-        **shape,
-        **storage_fields(s3_server),
-    )
+    cfg = s3_job(tmp_path, s3_server, bucket, out, **shape)
     outcome: dict = {}
 
     def run() -> None:
@@ -210,16 +217,9 @@ def test_server_crash_mid_run_loses_and_duplicates_nothing(
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"]["manifest"]["counts"]["shards"] == 12
 
-    reference = segment_dataset(
-        input_uri=str(dataset / "images"),
-        labels_uri=str(dataset / "labels"),
-        output_uri=str(tmp_path / "local"),
-        checkpoint_uri=str(checkpoint),
-        **shape,
-    )
-    fs = s3_server.fs()
-    remote = pq.read_table(sorted(fs.glob(f"{out}/stats/part-*.parquet")), filesystem=fs).sort_by("image_id")
-    local = pq.read_table(sorted((tmp_path / "local" / "stats").glob("*.parquet"))).sort_by("image_id")
+    reference = local_run(dataset, checkpoint, tmp_path / "local", **shape)
+    remote = stats_table(s3_server.fs(), out)
+    local = stats_table(fsspec.filesystem("file"), str(tmp_path / "local"))
     assert remote.num_rows == 24 and len(set(remote["image_id"].to_pylist())) == 24
     assert remote.drop(LOCATION_COLUMNS).equals(local.drop(LOCATION_COLUMNS))
     assert outcome["result"]["metrics"]["mean_iou"] == reference["metrics"]["mean_iou"]
