@@ -25,9 +25,9 @@ from pipeline.outputs import (
     CONFUSION,
     MANIFEST,
     METRICS,
+    committed_parts,
     committed_run_id,
     read_confusion,
-    stats_path,
     write_confusion,
     write_json,
 )
@@ -138,12 +138,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
 
 def _committed_shards(fs, root: str, shards: list[Shard], run_id: str, uri: str) -> set[str]:
     """Shards whose stats part this same job wrote. Parts of another job in the output stop the run."""
-    if not fs.exists(root):
-        return set()
-    found = {}
-    if fs.exists(storage.join(root, "stats")):
-        for path in fs.glob(storage.join(root, "stats", "part-*.parquet")):
-            found[path.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]] = path
+    found = committed_parts(fs, root)
     planned = {s.shard_id for s in shards}
     foreign = sorted(set(found) - planned)
     if foreign:
@@ -169,11 +164,11 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     cfg, meta = plan.cfg, plan.meta
     fs, root = cfg.resolve(cfg.output_uri)
     fs.invalidate_cache()  # the actors wrote the parts from other processes
-    paths = [stats_path(root, s.shard_id) for s in plan.shards]
-    missing = [p for p in paths if not fs.exists(p)]
+    parts = committed_parts(fs, root)
+    missing = [s.shard_id for s in plan.shards if s.shard_id not in parts]
     if missing:
         raise SegpipeError(f"cannot finalize: {len(missing)} shards are not committed, e.g. {missing[0]}")
-    mat, counts = read_confusion(fs, paths, meta.num_classes)
+    mat, counts = read_confusion(fs, [parts[s.shard_id] for s in plan.shards], meta.num_classes)
     names = list(meta.class_names)
     metrics = compute_metrics(mat)
     per_class = metrics.pop("per_class")

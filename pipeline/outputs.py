@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 
 import fsspec
 import numpy as np
@@ -42,6 +43,13 @@ STATS_SCHEMA = pa.schema(
 
 def stats_path(root: str, shard_id: str) -> str:
     return storage.join(root, "stats", f"part-{shard_id}.parquet")
+
+
+def committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
+    """Shard id -> path of every stats part under ``root``, from one listing (no request per shard)."""
+    prefix, suffix = "part-", ".parquet"
+    paths = fs.glob(storage.join(root, "stats", f"{prefix}*{suffix}"))
+    return {posixpath.basename(p)[len(prefix) : -len(suffix)]: p for p in paths}
 
 
 def mask_path(root: str, image_id: str) -> str:
