@@ -1,0 +1,41 @@
+"""What every label format shares: the per-image error and the LabelFormat interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class LabelError(ValueError):
+    """A label that cannot be compared with its image; the message goes into the error row."""
+
+
+def check_size(label_height: int, label_width: int, height: int, width: int) -> None:
+    """Raise LabelError when the label's size differs from the image's."""
+    if (label_height, label_width) != (height, width):
+        raise LabelError(f"label is {label_width}x{label_height} but the image is {width}x{height}")
+
+
+class LabelFormat(ABC):
+    """One ground-truth encoding: where an image's label is and how it becomes an index mask (255 = ignore)."""
+
+    per_image: bool = True
+    """True: one label file per image, found with path_for; False: one dataset file, searched with lookup."""
+
+    @abstractmethod
+    def path_for(self, image_rel: str) -> str | None:
+        """The label file's path relative to the labels root (loose-files layout); None for dataset-wide formats."""
+
+    def lookup(self, name: str) -> Any:
+        """A dataset-wide format's entry for the image called ``name``, or None when it has no label."""
+        raise TypeError(f"{type(self).__name__} has one label file per image: use path_for")
+
+    @abstractmethod
+    def to_mask(self, payload: Any, height: int, width: int) -> np.ndarray:
+        """The HxW uint8 index mask from a label file's bytes (or a lookup entry); LabelError says why not."""
+
+    def class_names(self) -> list[str] | None:
+        """Class names by index when the format defines them."""
+        return None
