@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline import storage
 from pipeline.errors import ConfigError
@@ -59,6 +59,58 @@ class StorageConfig(BaseModel):
         return opts
 
 
+class InputConfig(BaseModel):
+    """How the input is laid out. ``auto`` decides from the URI (a .tar or .parquet file) or the listing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layout: Literal["auto", "files", "webdataset", "parquet"] = Field(
+        "auto", description="files: loose images; webdataset: tar shards; parquet: an image-bytes column"
+    )
+    image_column: str = Field("image", description="parquet: column of encoded image bytes (or {bytes, path})")
+    label_column: str | None = Field(None, description="parquet: column of encoded label bytes")
+    id_column: str | None = Field(None, description="parquet: column naming each image; default <file>/<row>")
+    label_suffix: str = Field("seg.png", description="webdataset: extension of the label member, <key>.seg.png")
+
+
+class LabelsConfig(BaseModel):
+    """How ground truth is encoded; every format is converted on read to class indices with 255 = ignore."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["index_png", "cityscapes", "coco", "labelme", "binary"] = Field(
+        "index_png", description="index_png (VOC), cityscapes (labelIds), coco (instances JSON), labelme, binary"
+    )
+    mapping: dict[int, int] | None = Field(
+        None, description="raw value (COCO: category id) -> class index; unmapped values are an error"
+    )
+    reduce_zero_label: bool = Field(False, description="ADE20K style: 0 becomes ignore, every other value - 1")
+    classes: list[str] | None = Field(
+        None, description="labelme: class names in index order (__ignore__ = 255, _background_ = 0)"
+    )
+
+    @field_validator("mapping")
+    @classmethod
+    def _mapping(cls, v: dict[int, int] | None) -> dict[int, int] | None:
+        if v is not None:
+            bad = {k: t for k, t in v.items() if not (0 <= t <= 255) or k < 0}
+            if bad:
+                raise ValueError(f"keys must be >= 0 and classes 0..255, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_format(self) -> LabelsConfig:
+        if self.format == "labelme" and not self.classes:
+            raise ValueError("classes: the labelme format needs the class names (labelme2voc's labels.txt)")
+        if self.classes is not None and self.format != "labelme":
+            raise ValueError(f"classes: only used by the labelme format, not {self.format}")
+        if self.mapping is not None and self.format in ("cityscapes", "labelme"):
+            raise ValueError(f"mapping: not used by the {self.format} format (its own table applies)")
+        if self.reduce_zero_label and self.format != "index_png":
+            raise ValueError("reduce_zero_label: only for the index_png format")
+        return self
+
+
 class JobConfig(BaseModel):
     """Everything one segmentation job needs. Field names are the YAML keys and the flow's parameters."""
 
@@ -78,6 +130,8 @@ class JobConfig(BaseModel):
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
     shard_retries: int = Field(2, ge=0, le=10, description="reruns of a shard that failed (e.g. a storage outage)")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local Ray")
+    input: InputConfig = Field(default_factory=InputConfig, description="input layout")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="label format")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
 
     def resolve(self, uri: str):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from pipeline import storage
-from pipeline.planning import list_images, make_shards
+from pipeline.sources.files import list_images, make_shards
 
 
 def _paths(n: int) -> list[str]:
