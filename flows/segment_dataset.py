@@ -26,7 +26,8 @@ def infer_task(plan: JobPlan) -> tuple[list, float]:
     if not pending:
         logger.info("all %d shards already committed; nothing to infer", len(plan.shards))
         return [], 0.0
-    total = sum(len(s.items) for s in pending)
+    counts = [s.images for s in pending]
+    total = None if None in counts else sum(counts)  # a tar's image count is known only once read
     # The bar shows on a terminal only (disable=None); the log lines reach Prefect everywhere.
     bar = tqdm(total=total, unit="img", desc="segmenting", disable=None)
     done = []

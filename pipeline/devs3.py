@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+PUBLIC_BUCKET = "public"  # readable without credentials
+
 
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -38,7 +40,9 @@ class LocalS3:
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         identity = {"name": "segpipe", "credentials": [{"accessKey": self.key, "secretKey": self.secret}]}
         identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
-        (self.folder / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        # Anonymous requests may read and list one bucket, as a public dataset bucket allows.
+        anonymous = {"name": "anonymous", "actions": [f"Read:{PUBLIC_BUCKET}", f"List:{PUBLIC_BUCKET}"]}
+        (self.folder / "s3.json").write_text(json.dumps({"identities": [identity, anonymous]}))
         p = free_ports(10)
         args = [
             weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

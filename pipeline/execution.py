@@ -1,4 +1,5 @@
-"""Ray: a pool of actors, each holding one ShardProcessor (one model resident on its device).
+"""Running shards: on a pool of Ray actors, each holding one ShardProcessor (one model resident on its
+device), or inline in this process.
 
 Ray is imported here only, inside functions, so the rest of the core runs without it.
 A local Ray is started (and stopped) when no cluster is named and none is running.
@@ -12,8 +13,8 @@ import time
 from collections.abc import Callable
 
 from pipeline.config import JobConfig
-from pipeline.planning import Shard
 from pipeline.shard import ShardProcessor, ShardSummary
+from pipeline.sources import Shard
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,24 @@ def _connect(cfg: JobConfig) -> bool:
     else:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     return True
+
+
+def run_inline(
+    cfg: JobConfig,
+    run_id: str,
+    shards: list[Shard],
+    on_done: Callable[[ShardSummary], None] | None = None,
+) -> list[ShardSummary]:
+    """The same work in this process, one shard after another, without Ray: for debugging and tests."""
+    if not shards:
+        return []
+    processor = ShardProcessor(cfg, run_id)
+    summaries = []
+    for shard in shards:
+        summaries.append(processor(shard))
+        if on_done:
+            on_done(summaries[-1])
+    return summaries
 
 
 def run_shards(
@@ -57,6 +76,8 @@ def run_shards(
             # A dead actor is restarted and its in-flight shard re-run: shard writes are idempotent.
             max_restarts=2,
             max_task_retries=2,
+            # Two shards run at once in each actor: one reads while the other holds the model.
+            max_concurrency=2,
         )
         actors = [worker.remote(cfg, run_id, torch_threads=cpus) for _ in range(n)]
         queue = list(shards)
@@ -68,7 +89,7 @@ def run_shards(
             shard = queue.pop(0)
             pending[actors[idx].__call__.remote(shard)] = (idx, shard)
 
-        # Two shards per actor: the next one waits in the actor's own queue, so no actor idles.
+        # Two shards per actor, run concurrently by the threaded actor, so reads overlap compute.
         for i in range(min(2 * n, len(queue))):
             submit(i % n)
         while pending:

@@ -17,8 +17,9 @@ import numpy as np
 
 from pipeline import __version__, storage
 from pipeline.config import JobConfig
-from pipeline.errors import CheckpointError, InputError, SegpipeError
-from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.errors import CheckpointError, ConfigError, InputError, SegpipeError
+from pipeline.labels import LabelError
+from pipeline.labels.reader import load_label_format
 from pipeline.metrics import DEFINITIONS, compute_metrics
 from pipeline.models.checkpoint import ModelMeta, load_checkpoint, sha256_hex
 from pipeline.outputs import (
@@ -32,13 +33,14 @@ from pipeline.outputs import (
     write_json,
 )
 from pipeline.palette import IGNORE_INDEX
-from pipeline.planning import Shard, list_images, make_shards
 from pipeline.shard import ShardSummary
+from pipeline.sources import Shard
+from pipeline.sources.layout import InputSource
 
 log = logging.getLogger(__name__)
 
 # Fields that change what a run writes; batch size, actors, threads and PNG level do not.
-_RESULT_FIELDS = ("input_uri", "labels_uri", "model", "shard_size", "device", "precision")
+_RESULT_FIELDS = {"input_uri", "labels_uri", "model", "shard_size", "device", "precision", "input", "labels"}
 
 
 @dataclass
@@ -59,18 +61,20 @@ class JobPlan:
 
 def run_id_for(cfg: JobConfig, checkpoint_sha256: str) -> str:
     """Deterministic: the same job into the same output keeps its id across resumes."""
-    key = {f: getattr(cfg, f) for f in _RESULT_FIELDS} | {"checkpoint_sha256": checkpoint_sha256}
+    key = cfg.model_dump(mode="json", include=_RESULT_FIELDS) | {"checkpoint_sha256": checkpoint_sha256}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _require_dir(cfg: JobConfig, uri: str, what: str) -> None:
+def _require(cfg: JobConfig, uri: str, what: str, kind: str) -> None:
+    """``uri`` must be a folder (``dir``), a file (``file``) or either (``any``)."""
     try:
         fs, path = cfg.resolve(uri)
-        is_dir = fs.isdir(path)
+        found = {"dir": fs.isdir, "file": fs.isfile, "any": fs.exists}[kind](path)
     except Exception as e:  # any client error (botocore's are not OSErrors) means the location is unusable
         raise InputError(f"{what} {uri} cannot be read: {e}") from e
-    if not is_dir:
-        raise InputError(f"{what} {uri} does not exist or is not a folder")
+    if not found:
+        expected = {"dir": "is not a folder", "file": "is not a file", "any": ""}[kind]
+        raise InputError(f"{what} {uri} does not exist" + (f" or {expected}" if expected else ""))
 
 
 def _require_output(cfg: JobConfig) -> None:
@@ -94,9 +98,9 @@ class Preflight:
 
 def preflight(cfg: JobConfig) -> Preflight:
     """Check every location and the checkpoint; raise a SegpipeError naming the one at fault."""
-    _require_dir(cfg, cfg.input_uri, "input")
+    _require(cfg, cfg.input_uri, "input", "any")
     if cfg.labels_uri:
-        _require_dir(cfg, cfg.labels_uri, "labels")
+        _require(cfg, cfg.labels_uri, "labels", "file" if cfg.labels.format == "coco" else "dir")
     _require_output(cfg)
     try:
         ckpt_fs, ckpt_path = cfg.resolve(cfg.checkpoint_uri)
@@ -106,7 +110,24 @@ def preflight(cfg: JobConfig) -> Preflight:
     _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model)
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": meta.arch})
+    _check_labels(cfg, meta)
     return Preflight(cfg, meta, sha256_hex(data))
+
+
+def _check_labels(cfg: JobConfig, meta: ModelMeta) -> None:
+    """The label format must load (a COCO JSON parses) and agree with the model on the number of classes."""
+    if not cfg.labels_uri and cfg.labels.format == "coco":
+        raise ConfigError("labels_uri: the coco label format needs the instances JSON's URI")
+    try:
+        fmt = load_label_format(cfg)
+    except (LabelError, ConfigError) as e:  # e.g. a JSON that is not COCO, a mapping naming unknown categories
+        raise ConfigError(f"labels {cfg.labels_uri}: {e}") from e
+    names = fmt.class_names()
+    if names is not None and len(names) > meta.num_classes:
+        raise ConfigError(
+            f"labels.format: {cfg.labels.format} labels have {len(names)} classes but the model "
+            f"({cfg.model}) predicts {meta.num_classes}"
+        )
 
 
 def plan_job(cfg: JobConfig) -> JobPlan:
@@ -118,11 +139,16 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     checked = preflight(cfg)
     cfg, meta, sha = checked.cfg, checked.meta, checked.checkpoint_sha256
-    in_fs, in_root = cfg.resolve(cfg.input_uri)
-    rels = list_images(in_fs, in_root)
-    if not rels:
-        raise InputError(f"input {cfg.input_uri} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    shards = make_shards(rels, cfg.shard_size)
+    source = InputSource(cfg)
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"layout": source.layout})})
+    if cfg.labels_uri and source.layout != "files" and cfg.labels.format != "coco":
+        raise ConfigError(
+            f"labels_uri: the {source.layout} layout carries its labels in the input itself "
+            "(input.label_suffix, input.label_column); labels_uri is for loose files or a COCO JSON"
+        )
+    shards = source.plan(cfg.shard_size)
+    if not shards:
+        raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
     run_id = run_id_for(cfg, sha)
     out_fs, out_root = cfg.resolve(cfg.output_uri)
     out_fs.invalidate_cache()  # object-store listings are cached per process; another may have written
@@ -130,9 +156,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     removed = storage.remove_temporaries(out_fs, out_root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    log.info(
-        "planned %d images in %d shards (%d already committed), run %s", len(rels), len(shards), len(committed), run_id
-    )
+    log.info("planned %d %s shards (%d already committed), run %s", len(shards), source.layout, len(committed), run_id)
     return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, time.perf_counter() - start)
 
 
@@ -214,7 +238,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         "shards": [
             {
                 "shard_id": s.shard_id,
-                "images": len(s.items),
+                "images": done_now[s.shard_id].images if s.shard_id in done_now else s.images,
                 "status": "processed" if s.shard_id in done_now else "skipped (committed earlier)",
             }
             for s in plan.shards

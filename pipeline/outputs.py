@@ -56,6 +56,14 @@ def mask_path(root: str, image_id: str) -> str:
     return storage.join(root, "masks", f"{image_id}.png")
 
 
+def unsafe_image_id(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name a file under masks/ (empty, absolute, a ``..`` or empty part), or None."""
+    parts = image_id.split("/")
+    if not image_id or image_id.startswith("/") or "\\" in image_id or any(p in ("", ".", "..") for p in parts):
+        return f"image id {image_id!r} cannot name a mask file (empty, absolute, or with '.', '..' or '//' parts)"
+    return None
+
+
 def write_stats(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict], run_id: str) -> None:
     """One shard's rows as one Parquet file (one row group), tagged with the run id; written whole."""
     schema = STATS_SCHEMA.with_metadata({RUN_ID_KEY: run_id.encode()})

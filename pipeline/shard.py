@@ -1,29 +1,38 @@
-"""One shard, start to commit: fetch, decode, predict, encode, write masks, then the stats part last.
+"""One shard, start to commit: stream samples, decode, predict, encode, write masks, then the stats part last.
 
 ``ShardProcessor`` is a plain callable class (``__init__`` loads the model,
 ``__call__(shard)`` does the work), so it runs and is tested without Ray; the
 Ray layer only wraps it in an actor. A shard is committed when its stats part
 exists: every mask it names was written before it.
+
+Work flows in chunks of a few batches: while the model runs on one chunk, the
+source keeps reading the next in the background, and two shards may run at once
+on one processor (a threaded actor) with the model used by one at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.images import DecodeError, decode_rgb
-from pipeline.labels import LabelError, decode_label, label_path_for, validate_label
+from pipeline.labels import LabelError, validate_label
+from pipeline.labels.reader import LabelReader
 from pipeline.models.checkpoint import load_checkpoint
-from pipeline.outputs import mask_path, stats_path, write_stats
+from pipeline.outputs import mask_path, stats_path, unsafe_image_id, write_stats
 from pipeline.palette import mask_to_png
-from pipeline.planning import Shard
 from pipeline.predictor import Predictor
+from pipeline.sources import Sample, Shard
+from pipeline.sources.layout import InputSource
+from pipeline.sources.prefetch import background
 from pipeline.stats import image_stats
 
 log = logging.getLogger(__name__)
@@ -38,13 +47,14 @@ class ShardSummary:
     seconds: float
 
 
-def _read_optional(fs, path: str) -> bytes | None:
-    """None for a missing object. Other storage errors propagate: the shard fails and is retried whole,
-    rather than a passing outage being written down as a bad image."""
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        return None
+@dataclass
+class _Prepared:
+    sample: Sample
+    image: np.ndarray | None  # decoded RGB, or None with ``error`` set
+    error: str | None
+    label: object | None = None  # the label's payload (bytes or a COCO entry), not yet converted
+    label_uri: str | None = None
+    label_error: str | None = None  # the label could not even be found unambiguously
 
 
 class ShardProcessor:
@@ -62,27 +72,21 @@ class ShardProcessor:
         self.predictor = Predictor(
             model, self.meta, device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision
         )
+        self.model_lock = threading.Lock()  # shards may share this processor; the model runs one batch at a time
         self.palette = self.meta.palette_array()
-        self.in_fs, self.in_root = cfg.resolve(cfg.input_uri)
+        self.source = InputSource(cfg)
+        self.labels = LabelReader(cfg, self.source.layout)
         self.out_fs, self.out_root = cfg.resolve(cfg.output_uri)
-        self.lbl_fs, self.lbl_root = cfg.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
         self.pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="segpipe-io")
+        # Enough images per chunk to fill a few batches and keep every IO thread busy.
+        self.chunk = max(2 * cfg.batch_size, cfg.io_threads)
 
     def __call__(self, shard: Shard) -> ShardSummary:
         start = time.perf_counter()
-        items = shard.items
-        raw = list(self.pool.map(lambda rel: _read_optional(self.in_fs, storage.join(self.in_root, rel)), items))
-        labels_raw = (
-            list(self.pool.map(lambda rel: _read_optional(self.lbl_fs, self._label_path(rel)), items))
-            if self.lbl_fs
-            else [None] * len(items)
-        )
-        decoded = list(self.pool.map(_decode_or_reason, raw))
-        ok = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        preds = dict(zip(ok, self.predictor.predict([decoded[i] for i in ok]), strict=True))
-        rows = list(
-            self.pool.map(lambda i: self._row(shard, i, decoded[i], preds.get(i), labels_raw[i]), range(len(items)))
-        )
+        rows: list[dict] = []
+        samples = _checked_ids(background(self.source.read(shard, self.pool), maxsize=self.chunk))
+        for chunk in _chunks(samples, self.chunk):
+            rows.extend(self._process(shard, chunk))
         write_stats(self.out_fs, stats_path(self.out_root, shard.shard_id), rows, self.run_id)
         return ShardSummary(
             shard_id=shard.shard_id,
@@ -92,33 +96,49 @@ class ShardProcessor:
             seconds=time.perf_counter() - start,
         )
 
-    def _label_path(self, rel: str) -> str:
-        return storage.join(self.lbl_root, label_path_for(rel))
+    def _process(self, shard: Shard, chunk: list[Sample]) -> list[dict]:
+        prepared = list(self.pool.map(self._prepare, chunk))
+        ok = [p for p in prepared if p.image is not None]
+        with self.model_lock:
+            preds = self.predictor.predict([p.image for p in ok])
+        by_id = {id(p): pred for p, pred in zip(ok, preds, strict=True)}
+        return list(self.pool.map(lambda p: self._row(shard, p, by_id.get(id(p))), prepared))
 
-    def _row(self, shard: Shard, i: int, image, pred, label_bytes: bytes | None) -> dict:
-        """Validate the label, write the mask, and build the image's stats row."""
-        rel = shard.items[i]
+    def _prepare(self, sample: Sample) -> _Prepared:
+        """Decode the image and fetch its label's payload (IO threads)."""
+        if sample.error is not None:
+            return _Prepared(sample, None, sample.error)
+        image, error = _decode(sample.image)
+        if image is None:
+            return _Prepared(sample, None, error)
+        try:
+            return _Prepared(sample, image, None, *self.labels.fetch(sample))
+        except LabelError as e:
+            return _Prepared(sample, image, None, label_error=f"label: {e}")
+
+    def _row(self, shard: Shard, p: _Prepared, pred) -> dict:
+        """Convert and check the label, write the mask, and build the image's stats row."""
         row = {
             "run_id": self.run_id,
-            "image_id": rel,
-            "source_uri": storage.to_uri(self.in_fs, storage.join(self.in_root, rel)),
+            "image_id": p.sample.image_id,
+            "source_uri": p.sample.source_uri,
             "shard_id": shard.shard_id,
             "model": self.cfg.model,
             "labeled": False,
         }
         if pred is None:  # the image itself could not be read or decoded
-            row["error"] = image if isinstance(image, str) else "missing file"
+            row["error"] = p.error
             return row
         h, w = pred.mask.shape
-        label, label_error = None, None
-        if label_bytes is not None:
-            row["label_uri"] = storage.to_uri(self.lbl_fs, self._label_path(rel))
+        label, label_error = None, p.label_error
+        if p.label is not None:
+            row["label_uri"] = p.label_uri
             try:
-                label = decode_label(label_bytes)
+                label = self.labels.to_mask(p.label, h, w)
                 validate_label(label, h, w, self.meta.num_classes)
             except LabelError as e:
                 label, label_error = None, f"label: {e}"
-        out = mask_path(self.out_root, rel)
+        out = mask_path(self.out_root, p.sample.image_id)
         storage.write_bytes(self.out_fs, out, mask_to_png(pred.mask, self.palette, self.cfg.png_compress_level))
         row.update(image_stats(pred.mask, self.meta.num_classes, label))
         row.update(
@@ -131,10 +151,33 @@ class ShardProcessor:
         return row
 
 
-def _decode_or_reason(data: bytes | None) -> np.ndarray | str:
+def _decode(data: bytes | None) -> tuple[np.ndarray | None, str | None]:
     if data is None:
-        return "missing file: the image was listed but could not be read"
+        return None, "missing file: the image was listed but could not be read"
     try:
-        return decode_rgb(data)
+        return decode_rgb(data), None
     except DecodeError as e:
-        return str(e)
+        return None, str(e)
+
+
+def _checked_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
+    """Samples whose id cannot name a mask safely become error rows: ids come from the data (tar member
+    names, an id column), and one like ``../../x`` must not write outside the output, nor a repeat overwrite."""
+    seen: set[str] = set()
+    for sample in samples:
+        reason = unsafe_image_id(sample.image_id)
+        if reason is None and sample.image_id in seen:
+            reason = "duplicate image id in this shard; the first one's mask was kept"
+        seen.add(sample.image_id)
+        yield sample if reason is None else replace(sample, image=None, label=None, error=reason)
+
+
+def _chunks(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

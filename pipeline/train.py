@@ -18,8 +18,8 @@ from pipeline.metrics import ConfusionMatrix
 from pipeline.models import get_model
 from pipeline.models.checkpoint import ModelMeta, save_checkpoint
 from pipeline.palette import IGNORE_INDEX
-from pipeline.planning import list_images
 from pipeline.predictor import Predictor, resolve_device
+from pipeline.sources.files import list_images
 
 log = logging.getLogger(__name__)
 

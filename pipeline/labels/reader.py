@@ -1,0 +1,48 @@
+"""Where each image's label comes from, fetched on the IO threads and converted by its format.
+
+A label is carried in the input itself (a tar member, a Parquet column), or is a file under
+``labels_uri`` matched by the image's relative path (loose-files layout), or is an entry of one
+COCO JSON for the whole dataset, matched by file name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import JobConfig
+from pipeline.labels import LabelFormat, label_format
+from pipeline.sources import Sample
+from pipeline.sources.files import read_optional
+
+
+def load_label_format(cfg: JobConfig) -> LabelFormat:
+    """The job's label format; a COCO JSON is read and indexed once here."""
+    dataset_json = None
+    if cfg.labels.format == "coco" and cfg.labels_uri:
+        fs, path = cfg.resolve(cfg.labels_uri)
+        dataset_json = fs.cat_file(path)
+    return label_format(cfg.labels, dataset_json)
+
+
+class LabelReader:
+    def __init__(self, cfg: JobConfig, layout: str) -> None:
+        self.format = load_label_format(cfg)
+        self.fs, self.root = cfg.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
+        self.by_path = layout == "files" and self.format.per_image and self.fs is not None
+
+    def fetch(self, sample: Sample) -> tuple[object | None, str | None]:
+        """``(payload, uri)`` of the sample's label, or ``(None, None)`` when it has none."""
+        if sample.label is not None:
+            return sample.label, sample.label_uri or sample.source_uri
+        if self.by_path:
+            path = storage.join(self.root, self.format.path_for(sample.image_id))
+            data = read_optional(self.fs, path)
+            return (data, storage.to_uri(self.fs, path)) if data is not None else (None, None)
+        if self.fs is not None and not self.format.per_image:
+            entry = self.format.lookup(sample.name)
+            return (entry, f"{storage.to_uri(self.fs, self.root)}#{sample.name}") if entry is not None else (None, None)
+        return None, None
+
+    def to_mask(self, payload: object, height: int, width: int) -> np.ndarray:
+        return self.format.to_mask(payload, height, width)
