@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.cli import configure_logging
 from pipeline.config import load_config
+from pipeline.devs3 import PUBLIC_BUCKET
 from pipeline.errors import InputError
 from pipeline.job import preflight
 
@@ -223,3 +224,75 @@ def test_server_crash_mid_run_loses_and_duplicates_nothing(
     assert remote.num_rows == 24 and len(set(remote["image_id"].to_pylist())) == 24
     assert remote.drop(LOCATION_COLUMNS).equals(local.drop(LOCATION_COLUMNS))
     assert outcome["result"]["metrics"]["mean_iou"] == reference["metrics"]["mean_iou"]
+
+
+@pytest.fixture(scope="module")
+def public_bucket(s3_server, dataset, checkpoint) -> str:
+    """The server's bucket that anonymous requests may read and list, holding the dataset and checkpoint."""
+    fs = s3_server.fs()
+    if not fs.exists(PUBLIC_BUCKET):
+        fs.mkdir(PUBLIC_BUCKET)
+    fs.put(str(dataset / "images"), f"{PUBLIC_BUCKET}/data/images", recursive=True)
+    fs.put(str(checkpoint), f"{PUBLIC_BUCKET}/models/unet_tiny_shapes.pt")
+    return PUBLIC_BUCKET
+
+
+def test_anonymous_access_reads_a_public_bucket(s3_server, public_bucket, bucket, checkpoint, tmp_path):
+    from pipeline.execution import run_inline
+    from pipeline.job import finalize_job, plan_job
+
+    anon = {"endpoint_url": s3_server.endpoint, "anon": True}
+    cfg = load_config(
+        input_uri=f"s3://{public_bucket}/data/images",
+        checkpoint_uri=f"s3://{public_bucket}/models/unet_tiny_shapes.pt",
+        output_uri=str(tmp_path / "out"),
+        shard_size=12,
+        storage=anon,
+    )
+    plan = plan_job(cfg)
+    result = finalize_job(plan, run_inline(plan.cfg, plan.run_id, plan.pending), 1.0)
+    assert result["manifest"]["counts"] == {"images": 24, "errors": 0, "labeled": 0, "shards": 2, "shards_skipped": 0}
+    # The same anonymous client is refused by a private bucket, with the clear message.
+    err = preflight_error(tmp_path, checkpoint, f"s3://{bucket}/data/images", str(tmp_path / "o2"), anon)
+    assert f"input s3://{bucket}/data/images cannot be read" in str(err)
+
+
+def test_credentials_from_a_named_profile(s3_server, bucket, tmp_path, monkeypatch):
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[segpipe-test]\naws_access_key_id = {s3_server.key}\naws_secret_access_key = {s3_server.secret}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    storage = {"endpoint_url": s3_server.endpoint, "profile": "segpipe-test"}
+    assert_plans(s3_job_fields(bucket, storage))
+    storage["profile"] = "no-such-profile"
+    with pytest.raises(InputError, match="could not be found|cannot be read"):
+        preflight(load_config(**s3_job_fields(bucket, storage)))
+
+
+def test_credentials_and_endpoint_from_the_aws_environment(s3_server, bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    assert_plans(s3_job_fields(bucket, {}))
+
+
+def s3_job_fields(bucket: str, storage: dict) -> dict:
+    return {
+        "input_uri": f"s3://{bucket}/data/images",
+        "labels_uri": f"s3://{bucket}/data/labels",
+        "output_uri": f"s3://{bucket}/never-{uuid.uuid4().hex[:6]}",
+        "checkpoint_uri": f"s3://{bucket}/models/unet_tiny_shapes.pt",
+        "storage": storage,
+    }
+
+
+def assert_plans(fields: dict) -> None:
+    """The job's storage settings reach every location: preflight passes and the input lists fully."""
+    from pipeline.job import plan_job
+
+    plan = plan_job(load_config(**fields))
+    assert sum(s.images for s in plan.shards) == 24
