@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="segment every image under an input URI (the segment-dataset flow)")
     run.add_argument("--config", help="YAML file of JobConfig fields (see configs/)")
-    run.add_argument("--input", help="input URI (folder or prefix of images)")
-    run.add_argument("--labels", help="labels URI (index PNGs matched by relative path)")
+    run.add_argument("--input", help="input URI: images, tar shards or Parquet files (a folder, prefix or one file)")
+    run.add_argument("--labels", help="labels URI: a folder of label files, or a COCO JSON (see labels.format)")
     run.add_argument("--output", help="output URI")
     run.add_argument("--model", help="registry model name")
     run.add_argument("--checkpoint", help="checkpoint URI")
