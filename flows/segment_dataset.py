@@ -1,20 +1,30 @@
-"""The ``segment-dataset`` flow: plan → infer on Ray actors → reduce and commit → summary."""
+"""The ``segment-dataset`` flow: plan → infer on Ray actors → reduce and commit → report (artifacts, summary)."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from tqdm import tqdm
 
+from flows.common import METRICS_KEY, PROGRESS_KEY, STORAGE_RETRIES, SUMMARY_KEY, transient
 from pipeline.config import JobConfig, load_config
 from pipeline.execution import run_shards
 from pipeline.job import JobPlan, finalize_job, plan_job
-from pipeline.report import format_summary
+from pipeline.report import format_summary, metrics_table, summary_markdown
+from pipeline.schedule import parse_run_date, render_uris
 
 
-@task(name="plan", cache_policy=NO_CACHE)
+@task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=transient, **STORAGE_RETRIES)
 def plan_task(cfg: JobConfig) -> JobPlan:
     return plan_job(cfg)
 
@@ -23,6 +33,9 @@ def plan_task(cfg: JobConfig) -> JobPlan:
 def infer_task(plan: JobPlan) -> tuple[list, float]:
     logger = get_run_logger()
     pending = plan.pending
+    progress = create_progress_artifact(
+        100.0 if not pending else 0.0, key=PROGRESS_KEY, description=f"shards committed of {len(pending)} to run"
+    )
     if not pending:
         logger.info("all %d shards already committed; nothing to infer", len(plan.shards))
         return [], 0.0
@@ -35,6 +48,7 @@ def infer_task(plan: JobPlan) -> tuple[list, float]:
     def on_done(summary) -> None:
         done.append(summary)
         bar.update(summary.images)
+        update_progress_artifact(progress, 100.0 * len(done) / len(pending))
         logger.info(
             "shard %s done: %d images, %d errors, %.1fs (%d/%d shards)",
             summary.shard_id,
@@ -53,7 +67,7 @@ def infer_task(plan: JobPlan) -> tuple[list, float]:
     return summaries, time.perf_counter() - start
 
 
-@task(name="reduce", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+@task(name="reduce", cache_policy=NO_CACHE, retry_condition_fn=transient, **STORAGE_RETRIES)
 def reduce_task(plan: JobPlan, summaries: list, infer_seconds: float) -> dict:
     return finalize_job(plan, summaries, infer_seconds)
 
@@ -69,8 +83,14 @@ def segment_dataset(
     actors: int | None = None,
     batch_size: int | None = None,
     config_path: str | None = None,
+    run_date: str | None = None,
 ) -> dict:
-    """Segment every image under ``input_uri``; parameters override the YAML at ``config_path``."""
+    """Segment every image under ``input_uri``; parameters override the YAML at ``config_path``.
+
+    ``{date}`` in the input, labels or output URI becomes ``run_date`` (YYYY-MM-DD), by default the
+    date the run was scheduled for, so a nightly deployment writes each night to its own prefix and a
+    re-run of a date resumes it.
+    """
     cfg = load_config(
         config_path,
         input_uri=input_uri,
@@ -82,8 +102,16 @@ def segment_dataset(
         actors=actors,
         batch_size=batch_size,
     )
+    cfg = render_uris(cfg, parse_run_date(run_date) if run_date else _scheduled_date())
     plan = plan_task(cfg)
     summaries, infer_seconds = infer_task(plan)
     result = reduce_task(plan, summaries, infer_seconds)
+    create_table_artifact(metrics_table(result), key=METRICS_KEY, description="dataset and per-class metrics")
+    create_markdown_artifact(summary_markdown(result), key=SUMMARY_KEY, description="where, how many, how fast")
     get_run_logger().info("\n%s", format_summary(result))
     return result
+
+
+def _scheduled_date():
+    when = flow_run.scheduled_start_time  # now, for a run nobody scheduled
+    return (when or datetime.now(UTC)).date()

@@ -1,4 +1,4 @@
-"""The ``segpipe`` command: run, make-dataset, train."""
+"""The ``segpipe`` command: run, serve, make-dataset, train."""
 
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ def _run(args: argparse.Namespace) -> int:
     from flows.segment_dataset import segment_dataset
 
     segment_dataset(config_path=args.config, **overrides)  # the flow logs the end-of-run summary
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.deployments import serve
+
+    serve(args.deployments, limit=args.limit)  # a bad file fails before any API call
     return 0
 
 
@@ -82,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--actors", type=int, help="Ray actors (one model each)")
     run.add_argument("--batch-size", type=int, help="images per forward pass")
     run.set_defaults(fn=_run)
+
+    sv = sub.add_parser("serve", help="serve the Prefect deployments (nightly, adhoc, evaluate) until interrupted")
+    sv.add_argument("--deployments", default="configs/deployments.yaml", help="deployments YAML")
+    sv.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    sv.set_defaults(fn=_serve)
 
     mk = sub.add_parser("make-dataset", help="write a procedural labeled dataset (shapes on textures)")
     mk.add_argument("out", help="output folder; images/ and labels/ are written inside")

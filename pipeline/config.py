@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline import storage
 from pipeline.errors import ConfigError
 
 
-def _absolute(uri: str) -> str:
+def _clean_uri(uri: str) -> str:
     """Plain local paths become absolute (relative to the working directory) so every worker agrees."""
+    uri = uri.strip()
+    if not uri:
+        raise ValueError("must not be empty")
     if "://" in uri:
         return uri
     return os.path.abspath(os.path.expanduser(uri))
+
+
+Uri = Annotated[str, AfterValidator(_clean_uri)]
 
 
 class StorageConfig(BaseModel):
@@ -116,13 +131,24 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_uri: str = Field(description="folder or prefix of images (file path, file://, s3://)")
-    output_uri: str = Field(description="where masks, stats, metrics and the manifest go")
-    labels_uri: str | None = Field(None, description="index-PNG labels matched by relative path")
-    checkpoint_uri: str = Field(description="segpipe checkpoint: weights plus classes and preprocessing")
+    input_uri: Uri = Field(description="images, tar shards or Parquet files (file path, file://, s3://)")
+    output_uri: Uri = Field(description="where masks, stats, metrics and the manifest go")
+    labels_uri: Uri | None = Field(None, description="folder of label files, or a COCO instances JSON")
+    checkpoint_uri: Uri = Field(description="segpipe checkpoint: weights plus classes and preprocessing")
     model: str | None = Field(None, description="registry name; defaults to the checkpoint's architecture")
     shard_size: int = Field(64, ge=1, description="images per shard: the unit of work, retry and commit")
-    actors: int = Field(1, ge=1, description="Ray actors, each holding one model")
+    actors: int | Literal["auto"] = Field(
+        1, description="Ray actors, each holding one model; auto: one per GPU (or per cpus_per_actor CPUs) of the cluster"
+    )
+    gpus_per_actor: float | None = Field(
+        None,
+        gt=0,
+        le=8,
+        description="GPUs each actor reserves (0.5: two share one); default 1 when the cluster has one per actor",
+    )
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs each actor reserves, also its torch threads; default the cluster's CPUs // actors"
+    )
     batch_size: int = Field(8, ge=1, description="images per forward pass (same-size images only)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
@@ -137,15 +163,6 @@ class JobConfig(BaseModel):
     def resolve(self, uri: str):
         """``(fs, path)`` for one of this job's URIs, with the storage settings applied."""
         return storage.resolve(uri, **self.storage.options(uri))
-
-    @field_validator("input_uri", "output_uri", "labels_uri", "checkpoint_uri")
-    @classmethod
-    def _uri(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return _absolute(v.strip())
 
     @field_validator("model")
     @classmethod
@@ -163,6 +180,28 @@ class JobConfig(BaseModel):
             raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
 
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        if isinstance(v, str) and v.strip().isdigit() and int(v) >= 1:
+            return int(v)
+        raise ValueError(f"must be a whole number >= 1 or auto, got {v!r}")
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpus_per_actor(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"above 1 it must be a whole number of GPUs (Ray shares only fractions of one), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpus_need_a_gpu_device(self) -> JobConfig:
+        if self.gpus_per_actor is not None and self.device == "cpu":
+            raise ValueError("gpus_per_actor: set, but device is cpu; leave it out or use device auto/cuda")
+        return self
+
 
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
@@ -175,8 +214,36 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
-    """Read YAML (if given), apply the overrides that are not None, validate; ConfigError names the field."""
+class EvaluateConfig(BaseModel):
+    """Re-evaluate a finished run's masks against labels, possibly read differently; masks are not touched."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_uri: Uri = Field(description="the output of a finished segment-dataset run")
+    labels_uri: Uri = Field(description="folder of label files matched by image id, or a COCO JSON")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="label format")
+    ignore_classes: list[int] = Field(default_factory=list, description="ground-truth classes to ignore")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]+$", description="evaluations/<name>/; default: a digest of the settings"
+    )
+    io_threads: int = Field(8, ge=1, le=256, description="threads reading masks and labels")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
+
+    def resolve(self, uri: str):
+        return storage.resolve(uri, **self.storage.options(uri))
+
+    @field_validator("ignore_classes")
+    @classmethod
+    def _classes(cls, v: list[int]) -> list[int]:
+        bad = [c for c in v if not 0 <= c < 255]
+        if bad:
+            raise ValueError(f"class indices must be 0..254, got {bad}")
+        return v
+
+
+def load_config(path: str | Path | None = None, schema: type[BaseModel] = JobConfig, **overrides: Any) -> Any:
+    """Read YAML (if given), apply the overrides that are not None, validate as ``schema`` (a JobConfig by
+    default); ConfigError names the field."""
     data: dict[str, Any] = {}
     source = "parameters"
     if path is not None:
@@ -194,6 +261,6 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> JobConfig:
         data.update(loaded or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return JobConfig(**data)
+        return schema(**data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None

@@ -13,14 +13,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
-
 from pipeline import __version__, storage
 from pipeline.config import JobConfig
 from pipeline.errors import CheckpointError, ConfigError, InputError, SegpipeError
 from pipeline.labels import LabelError
 from pipeline.labels.reader import load_label_format
-from pipeline.metrics import DEFINITIONS, compute_metrics
+from pipeline.metrics import metrics_report
 from pipeline.models.checkpoint import ModelMeta, load_checkpoint, sha256_hex
 from pipeline.outputs import (
     CONFUSION,
@@ -32,7 +30,6 @@ from pipeline.outputs import (
     write_confusion,
     write_json,
 )
-from pipeline.palette import IGNORE_INDEX
 from pipeline.shard import ShardSummary
 from pipeline.sources import Shard
 from pipeline.sources.layout import InputSource
@@ -194,20 +191,14 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         raise SegpipeError(f"cannot finalize: {len(missing)} shards are not committed, e.g. {missing[0]}")
     mat, counts = read_confusion(fs, [parts[s.shard_id] for s in plan.shards], meta.num_classes)
     names = list(meta.class_names)
-    metrics = compute_metrics(mat)
-    per_class = metrics.pop("per_class")
     metrics_doc = {
         "run_id": plan.run_id,
-        "class_names": names,
-        "ignore_index": IGNORE_INDEX,
         "images": counts["images"],
         "labeled_images": counts["labeled"],
         "errors": counts["errors"],
-        **metrics,
-        "per_class": {name: {k: v[i] for k, v in per_class.items()} for i, name in enumerate(names)},
-        "definitions": DEFINITIONS,
+        **metrics_report(mat, names),
     }
-    write_json(fs, storage.join(root, METRICS), _json_safe(metrics_doc))
+    write_json(fs, storage.join(root, METRICS), metrics_doc)
     write_confusion(fs, storage.join(root, CONFUSION), mat, names)
     reduce_seconds = time.perf_counter() - start
     done_now = {s.shard_id: s for s in summaries}
@@ -253,14 +244,3 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     write_json(fs, storage.join(root, MANIFEST), manifest)
     log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))
     return {"manifest": manifest, "metrics": metrics_doc}
-
-
-def _json_safe(obj):
-    """NaN becomes null: JSON has no NaN, and metrics.json's definitions say what null means."""
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -97,3 +97,16 @@ def compute_metrics(mat: np.ndarray) -> dict:
             "pred_pixels": pred_total.tolist(),
         },
     }
+
+
+def metrics_report(mat: np.ndarray, class_names: list[str]) -> dict:
+    """The body of a metrics.json: dataset metrics, per-class metrics by class name, and the definitions."""
+    metrics = compute_metrics(mat)
+    per_class = metrics.pop("per_class")
+    return {
+        "class_names": list(class_names),
+        "ignore_index": IGNORE_INDEX,
+        **metrics,
+        "per_class": {name: {k: v[i] for k, v in per_class.items()} for i, name in enumerate(class_names)},
+        "definitions": DEFINITIONS,
+    }

@@ -104,7 +104,18 @@ def read_confusion(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes:
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict) -> None:
-    storage.write_bytes(fs, path, json.dumps(obj, indent=2, allow_nan=False, default=str).encode())
+    """NaN is written as null: JSON has no NaN, and metrics.json's definitions say what null means."""
+    storage.write_bytes(fs, path, json.dumps(_json_safe(obj), indent=2, allow_nan=False, default=str).encode())
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def write_confusion(fs: fsspec.AbstractFileSystem, path: str, mat: np.ndarray, class_names: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""The one-screen summary a run ends with."""
+"""What a finished run reports: the one-screen summary, and the contents of its Prefect artifacts."""
 
 from __future__ import annotations
 
@@ -28,3 +28,39 @@ def format_summary(result: dict) -> str:
         lines.append("no labels: dataset metrics not computed")
     lines.append("outputs: masks/, stats/*.parquet, metrics.json, confusion_matrix.parquet, manifest.json")
     return "\n".join(lines)
+
+
+def metrics_table(result: dict) -> list[dict]:
+    """Rows of the metrics table artifact: the dataset metrics, then IoU, Dice, precision and recall per class."""
+    met = result["metrics"]
+    keys = ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou")
+    rows = [{"metric": k, "class": "(dataset)", "value": _number(met[k])} for k in keys]
+    for name, c in met["per_class"].items():
+        rows += [{"metric": k, "class": name, "value": _number(c[k])} for k in ("iou", "dice", "precision", "recall")]
+    return rows
+
+
+def summary_markdown(result: dict) -> str:
+    """The markdown artifact: where the outputs are, counts, throughput and model."""
+    man, met = result["manifest"], result["metrics"]
+    counts, timings, model = man["counts"], man["timings"], man["model"]
+    ips = timings["images_per_second"]
+    lines = [
+        f"# segpipe run `{man['run_id']}`",
+        "",
+        f"- **output**: `{man['config']['output_uri']}`",
+        f"- **input**: `{man['config']['input_uri']}` ({man['config']['input']['layout']})",
+        f"- **model**: `{model['name']}` ({len(model['class_names'])} classes), checkpoint `{model['checkpoint_uri']}` "
+        f"(sha256 `{model['checkpoint_sha256'][:12]}`)",
+        f"- **images**: {counts['images']} ({counts['errors']} errors, {counts['labeled']} labeled)",
+        f"- **shards**: {counts['shards']} ({counts['shards_skipped']} skipped, committed earlier)",
+        f"- **throughput**: {ips if ips is not None else 'n/a'} images/s; plan {timings['plan_seconds']} s, "
+        f"infer {timings['infer_seconds']} s, reduce {timings['reduce_seconds']} s",
+    ]
+    if met["labeled_pixels"]:
+        lines.append(f"- **mean IoU**: {_pct(met['mean_iou'])}, pixel accuracy {_pct(met['pixel_accuracy'])}")
+    return "\n".join(lines)
+
+
+def _number(v) -> float | None:
+    return None if v is None or v != v else round(float(v), 6)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import JobConfig
+from pipeline.config import EvaluateConfig, JobConfig
 from pipeline.labels import LabelFormat, label_format
 from pipeline.sources import Sample
 from pipeline.sources.files import read_optional
 
 
-def load_label_format(cfg: JobConfig) -> LabelFormat:
+def load_label_format(cfg: JobConfig | EvaluateConfig) -> LabelFormat:
     """The job's label format; a COCO JSON is read and indexed once here."""
     dataset_json = None
     if cfg.labels.format == "coco" and cfg.labels_uri:
@@ -26,7 +26,7 @@ def load_label_format(cfg: JobConfig) -> LabelFormat:
 
 
 class LabelReader:
-    def __init__(self, cfg: JobConfig, layout: str) -> None:
+    def __init__(self, cfg: JobConfig | EvaluateConfig, layout: str) -> None:
         self.format = load_label_format(cfg)
         self.fs, self.root = cfg.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
         self.by_path = layout == "files" and self.format.per_image and self.fs is not None

@@ -1,0 +1,239 @@
+"""Deployments on a real Prefect server: served by ``segpipe serve``, triggered from the CLI and the API.
+
+A Prefect server (``prefect server start --host 127.0.0.1``, a free port, its own database) and the
+serve process run for this module; flow runs execute in processes the serve runner starts, joining the
+session's local Ray through RAY_ADDRESS. Everything is checked through the server's REST API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from pipeline.devs3 import free_ports
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory) -> str:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_ports(1)[0]
+    env = os.environ | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, 180, "the Prefect server", proc)
+        yield api
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client_env(prefect_api, tmp_path_factory) -> dict:
+    """The environment of a Prefect client of that server: the CLI, the serve process."""
+    home = tmp_path_factory.mktemp("prefect-client")
+    return os.environ | {
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def served(prefect_api, client_env, dataset, checkpoint, ray_local, tmp_path_factory) -> Path:
+    """``segpipe serve`` with the three deployments; returns the folder the nightly runs write under."""
+    work = tmp_path_factory.mktemp("served")
+    job = {"checkpoint_uri": str(checkpoint), "shard_size": 8, "actors": 1, "batch_size": 4}
+    (work / "job.yaml").write_text(yaml.safe_dump(job))
+    spec = {
+        "nightly": {
+            "cron": "0 3 1 1 *",  # never during the test: its run is created through the API instead
+            "parameters": {
+                "config_path": str(work / "job.yaml"),
+                "input_uri": str(dataset / "images"),
+                "labels_uri": str(dataset / "labels"),
+                "output_uri": str(work / "nightly" / "{date}"),
+            },
+        },
+        "adhoc": {"parameters": {"config_path": str(work / "job.yaml")}},
+        "evaluate": {},
+    }
+    (work / "deployments.yaml").write_text(yaml.safe_dump(spec))
+    env = client_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = open(work / "serve.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [str(BIN / "segpipe"), "serve", "--deployments", str(work / "deployments.yaml")],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for name in ("segment-dataset/nightly", "segment-dataset/adhoc", "evaluate-run/adhoc"):
+            wait_until(lambda n=name: deployment(prefect_api, n), 120, f"deployment {name}", proc)
+        yield work
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def deployment(api: str, name: str) -> dict | None:
+    r = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
+    return r.json() if r.status_code == 200 else None
+
+
+def run_deployment_cli(env: dict, deployment_name: str, /, **params) -> str:
+    """``prefect deployment run <name> -p k=v ...``; returns the flow run id it prints."""
+    args = [str(BIN / "prefect"), "deployment", "run", deployment_name]
+    for key, value in params.items():
+        args += ["-p", f"{key}={json.dumps(value)}"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
+
+
+def finished(api: str, flow_run_id: str, timeout: float = 300) -> dict:
+    def state():
+        run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+        return run if run["state"]["type"] in TERMINAL else None
+
+    return wait_until(state, timeout, f"flow run {flow_run_id}")
+
+
+def artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+    found = httpx.post(f"{api}/artifacts/filter", json=body, timeout=10).json()
+    return {a["key"]: a for a in found}
+
+
+def test_adhoc_run_from_the_cli_writes_outputs_and_three_artifacts(prefect_api, client_env, served, dataset, tmp_path):
+    out = tmp_path / "adhoc"
+    run_id = run_deployment_cli(
+        client_env,
+        "segment-dataset/adhoc",
+        input_uri=str(dataset / "images"),
+        labels_uri=str(dataset / "labels"),
+        output_uri=str(out),
+    )
+    run = finished(prefect_api, run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == 24
+    assert metrics["labeled_images"] == 24
+
+    found = artifacts(prefect_api, run_id)
+    assert {k: found[k]["type"] for k in found} == {
+        "segpipe-metrics": "table",
+        "segpipe-summary": "markdown",
+        "segpipe-progress": "progress",
+    }
+    table = json.loads(found["segpipe-metrics"]["data"])
+    assert {"metric": "mean_iou", "class": "(dataset)", "value": round(metrics["mean_iou"], 6)} in table
+    assert {"metric": "iou", "class": "circle", "value": round(metrics["per_class"]["circle"]["iou"], 6)} in table
+    assert (
+        f"`{out}`" in found["segpipe-summary"]["data"]
+        and "24 (0 errors, 24 labeled)" in found["segpipe-summary"]["data"]
+    )
+    assert found["segpipe-progress"]["data"] == 100.0
+
+    # The evaluate-run deployment over that output: a new metrics file, masks untouched.
+    masks = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "masks").rglob("*.png")}
+    eval_id = run_deployment_cli(
+        client_env,
+        "evaluate-run/adhoc",
+        output_uri=str(out),
+        labels_uri=str(dataset / "labels"),
+        ignore_classes=[4],
+        name="no-stars",
+    )
+    assert finished(prefect_api, eval_id)["state"]["type"] == "COMPLETED"
+    evaluation = json.loads((out / "evaluations" / "no-stars" / "metrics.json").read_text())
+    assert evaluation["per_class"]["star"]["gt_pixels"] == 0 < metrics["per_class"]["star"]["gt_pixels"]
+    assert evaluation["per_class"]["circle"]["gt_pixels"] == metrics["per_class"]["circle"]["gt_pixels"]
+    assert masks == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "masks").rglob("*.png")}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert "segpipe-evaluation" in artifacts(prefect_api, eval_id)
+
+
+def test_a_bad_parameter_fails_the_run_at_once_naming_it(prefect_api, client_env, served, dataset, tmp_path):
+    out = tmp_path / "never"
+    run_id = run_deployment_cli(
+        client_env, "segment-dataset/adhoc", input_uri=str(dataset / "images"), output_uri=str(out), shard_size=0
+    )
+    run = finished(prefect_api, run_id, timeout=120)
+    assert run["state"]["type"] == "FAILED"
+    assert "shard_size" in run["state"]["message"]
+    assert not out.exists()
+
+
+def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(prefect_api, served):
+    nightly = deployment(prefect_api, "segment-dataset/nightly")
+    when = datetime.now(UTC) + timedelta(seconds=2)
+    body = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when.isoformat()}}}
+    created = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10).json()
+    run = finished(prefect_api, created["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    out = served / "nightly" / when.strftime("%Y-%m-%d")
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["counts"] == {"images": 24, "errors": 0, "labeled": 24, "shards": 3, "shards_skipped": 0}
+
+    # Re-running that date (as after a failure, or by hand) resumes the same output instead of duplicating it.
+    body = {"parameters": {"run_date": when.strftime("%Y-%m-%d")}}
+    again = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10).json()
+    assert finished(prefect_api, again["id"])["state"]["type"] == "COMPLETED"
+    second = json.loads((out / "manifest.json").read_text())
+    assert second["run_id"] == first["run_id"] and second["counts"]["shards_skipped"] == 3
+    assert len(list((out / "stats").glob("part-*.parquet"))) == 3
