@@ -109,7 +109,8 @@ class _Labels:
 
     def __init__(self, cfg: EvaluateConfig, layout: str) -> None:
         try:
-            self.reader = LabelReader(cfg, "files")  # labels come from labels_uri, whatever the input was
+            # Labels come from labels_uri, whatever the run's input was.
+            self.reader = LabelReader(cfg.labels, cfg.resolve(cfg.labels_uri), "files")
         except (OSError, LabelError, ConfigError) as e:
             raise ConfigError(f"labels {cfg.labels_uri}: {e}") from e
         self.tar_names = layout == "webdataset"  # a tar image's id is <tar>/<member>; COCO knows the member

@@ -116,7 +116,7 @@ def _check_labels(cfg: JobConfig, meta: ModelMeta) -> None:
     if not cfg.labels_uri and cfg.labels.format == "coco":
         raise ConfigError("labels_uri: the coco label format needs the instances JSON's URI")
     try:
-        fmt = load_label_format(cfg)
+        fmt = load_label_format(cfg.labels, cfg.resolve(cfg.labels_uri) if cfg.labels_uri else None)
     except (LabelError, ConfigError) as e:  # e.g. a JSON that is not COCO, a mapping naming unknown categories
         raise ConfigError(f"labels {cfg.labels_uri}: {e}") from e
     names = fmt.class_names()
@@ -136,7 +136,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     checked = preflight(cfg)
     cfg, meta, sha = checked.cfg, checked.meta, checked.checkpoint_sha256
-    source = InputSource(cfg)
+    source = InputSource(*cfg.resolve(cfg.input_uri), cfg.input)
     cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"layout": source.layout})})
     if cfg.labels_uri and source.layout != "files" and cfg.labels.format != "coco":
         raise ConfigError(

@@ -13,6 +13,7 @@ on one processor (a threaded actor) with the model used by one at a time.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -45,6 +46,7 @@ class ShardSummary:
     errors: int
     labeled: int
     seconds: float
+    node: str = "local"  # the Ray node id it ran on; "local" outside Ray
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ShardProcessor:
             torch.set_num_threads(torch_threads)
         self.cfg = cfg
         self.run_id = run_id
+        self.node = _ray_node_id()
         ckpt_fs, ckpt_path = cfg.resolve(cfg.checkpoint_uri)
         model, self.meta = load_checkpoint(ckpt_fs.cat_file(ckpt_path), cfg.checkpoint_uri, expect_arch=cfg.model)
         self.predictor = Predictor(
@@ -74,8 +77,10 @@ class ShardProcessor:
         )
         self.model_lock = threading.Lock()  # shards may share this processor; the model runs one batch at a time
         self.palette = self.meta.palette_array()
-        self.source = InputSource(cfg)
-        self.labels = LabelReader(cfg, self.source.layout)
+        self.source = InputSource(*cfg.resolve(cfg.input_uri), cfg.input)
+        self.labels = LabelReader(
+            cfg.labels, cfg.resolve(cfg.labels_uri) if cfg.labels_uri else None, self.source.layout
+        )
         self.out_fs, self.out_root = cfg.resolve(cfg.output_uri)
         self.pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="segpipe-io")
         # Enough images per chunk to fill a few batches and keep every IO thread busy.
@@ -94,6 +99,7 @@ class ShardProcessor:
             errors=sum(r["error"] is not None for r in rows),
             labeled=sum(bool(r["labeled"]) for r in rows),
             seconds=time.perf_counter() - start,
+            node=self.node,
         )
 
     def _process(self, shard: Shard, chunk: list[Sample]) -> list[dict]:
@@ -149,6 +155,15 @@ class ShardProcessor:
             error=label_error,
         )
         return row
+
+
+def _ray_node_id() -> str:
+    """The id of the Ray node this process runs on, or "local" when it is not part of a Ray cluster.
+    Ray is looked up, not imported: a processor outside Ray must not pay for (or need) the import."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return "local"
+    return ray.get_runtime_context().get_node_id()
 
 
 def _decode(data: bytes | None) -> tuple[np.ndarray | None, str | None]:

@@ -128,3 +128,65 @@ def test_empty_uri_rejected(tmp_path):
 def test_config_error_is_segpipe_and_value_error():
     assert issubclass(ConfigError, SegpipeError)
     assert issubclass(ConfigError, ValueError)
+
+
+# Resources per actor: the fields and what they mean for a cluster (pipeline.execution.plan_actors; no Ray).
+
+
+@pytest.mark.parametrize(("actors", "expected"), [("auto", "auto"), (1, 1), (3, 3), ("2", 2)])
+def test_actors_a_count_or_auto(tmp_path, actors, expected):
+    assert load_config(_write(tmp_path, {**BASE, "actors": actors})).actors == expected
+
+
+@pytest.mark.parametrize("actors", [0, -1, 1.5, "many", True])
+def test_bad_actors_named(tmp_path, actors):
+    with pytest.raises(ConfigError, match=r"actors: must be a whole number >= 1 or auto"):
+        load_config(_write(tmp_path, {**BASE, "actors": actors}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("gpus_per_actor", 0, "gpus_per_actor: Input should be greater than 0"),
+        ("gpus_per_actor", 9, "gpus_per_actor: Input should be less than or equal to 8"),
+        ("gpus_per_actor", 1.5, "gpus_per_actor: above 1 it must be a whole number"),
+        ("cpus_per_actor", 0, "cpus_per_actor: Input should be greater than 0"),
+        ("cpus_per_actor", -2, "cpus_per_actor: Input should be greater than 0"),
+    ],
+)
+def test_bad_resources_per_actor_named(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, {**BASE, field: value}))
+
+
+def test_gpus_per_actor_needs_a_gpu_device(tmp_path):
+    with pytest.raises(ConfigError, match="gpus_per_actor: set, but device is cpu"):
+        load_config(_write(tmp_path, {**BASE, "gpus_per_actor": 1, "device": "cpu"}))
+    cfg = load_config(_write(tmp_path, {**BASE, "gpus_per_actor": 0.5, "cpus_per_actor": 0.5}))
+    assert (cfg.gpus_per_actor, cfg.cpus_per_actor) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "resources", "pending", "expected"),
+    [
+        ({}, {"CPU": 16}, 100, (1, 16, 0)),  # today's rule: one actor, every CPU
+        ({"actors": 4}, {"CPU": 16, "GPU": 4}, 100, (4, 4, 1)),  # a GPU for each actor
+        ({"actors": 4}, {"CPU": 16, "GPU": 2}, 100, (4, 4, 0)),  # not enough GPUs for each: none
+        ({"actors": 4, "device": "cpu"}, {"CPU": 16, "GPU": 4}, 100, (4, 4, 0)),
+        ({"actors": 4}, {"CPU": 16}, 3, (3, 5, 0)),  # no more actors than shards
+        ({"actors": "auto"}, {"CPU": 16, "GPU": 4}, 100, (4, 4, 1)),  # one per GPU
+        ({"actors": "auto", "gpus_per_actor": 0.5}, {"CPU": 16, "GPU": 4}, 100, (8, 2, 0.5)),
+        ({"actors": "auto", "gpus_per_actor": 0.5, "cpus_per_actor": 3}, {"CPU": 64, "GPU": 3}, 100, (6, 3, 0.5)),
+        ({"actors": "auto"}, {"CPU": 6}, 100, (6, 1, 0)),  # no GPU: one per CPU
+        ({"actors": "auto", "cpus_per_actor": 4}, {"CPU": 18}, 100, (4, 4, 0)),
+        ({"actors": "auto", "cpus_per_actor": 4}, {"CPU": 18}, 2, (2, 4, 0)),
+        ({"actors": "auto", "cpus_per_actor": 8}, {"CPU": 2}, 100, (1, 8, 0)),  # at least one
+        ({"actors": 2, "cpus_per_actor": 0.5}, {"CPU": 2}, 100, (2, 0.5, 0)),
+    ],
+)
+def test_actors_and_their_resources_from_the_cluster(fields, resources, pending, expected):
+    from pipeline.execution import plan_actors
+
+    plan = plan_actors(JobConfig(**BASE, **fields), resources, pending)
+    assert (plan.actors, plan.cpus, plan.gpus) == expected
+    assert plan.torch_threads == max(1, int(expected[1]))

@@ -7,28 +7,33 @@ COCO JSON for the whole dataset, matched by file name.
 
 from __future__ import annotations
 
+import fsspec
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import EvaluateConfig, JobConfig
+from pipeline.config import LabelsConfig
 from pipeline.labels import LabelFormat, label_format
 from pipeline.sources import Sample
 from pipeline.sources.files import read_optional
 
+Location = tuple[fsspec.AbstractFileSystem, str]
 
-def load_label_format(cfg: JobConfig | EvaluateConfig) -> LabelFormat:
-    """The job's label format; a COCO JSON is read and indexed once here."""
+
+def load_label_format(cfg: LabelsConfig, location: Location | None) -> LabelFormat:
+    """The label format; a COCO JSON (the file at ``location``) is read and indexed once here."""
     dataset_json = None
-    if cfg.labels.format == "coco" and cfg.labels_uri:
-        fs, path = cfg.resolve(cfg.labels_uri)
+    if cfg.format == "coco" and location is not None:
+        fs, path = location
         dataset_json = fs.cat_file(path)
-    return label_format(cfg.labels, dataset_json)
+    return label_format(cfg, dataset_json)
 
 
 class LabelReader:
-    def __init__(self, cfg: JobConfig | EvaluateConfig, layout: str) -> None:
-        self.format = load_label_format(cfg)
-        self.fs, self.root = cfg.resolve(cfg.labels_uri) if cfg.labels_uri else (None, None)
+    """Labels in ``cfg``'s format, under ``location`` (``(fs, root)``: a folder, or the COCO JSON) if given."""
+
+    def __init__(self, cfg: LabelsConfig, location: Location | None, layout: str) -> None:
+        self.format = load_label_format(cfg, location)
+        self.fs, self.root = location or (None, None)
         self.by_path = layout == "files" and self.format.per_image and self.fs is not None
 
     def fetch(self, sample: Sample) -> tuple[object | None, str | None]:

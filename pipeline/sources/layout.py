@@ -11,7 +11,7 @@ import posixpath
 from collections.abc import Iterator
 from concurrent.futures import Executor
 
-from pipeline.config import JobConfig
+from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.sources import Sample, Shard, files, parquet, webdataset
@@ -44,13 +44,11 @@ def detect_layout(fs, path: str) -> str:
 
 
 class InputSource:
-    """The job's input: its filesystem, root and layout; plans shards and streams their samples."""
+    """An input: its filesystem, root and layout; plans shards and streams their samples."""
 
-    def __init__(self, cfg: JobConfig) -> None:
-        self.cfg = cfg.input
-        self.fs, path = cfg.resolve(cfg.input_uri)
-        self.layout = self.cfg.layout if self.cfg.layout != "auto" else detect_layout(self.fs, path)
-        self.root = path
+    def __init__(self, fs, root: str, cfg: InputConfig) -> None:
+        self.fs, self.root, self.cfg = fs, root, cfg
+        self.layout = cfg.layout if cfg.layout != "auto" else detect_layout(fs, root)
 
     def plan(self, shard_size: int) -> list[Shard]:
         c = self.cfg
