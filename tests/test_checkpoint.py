@@ -1,13 +1,15 @@
-"""Checkpoints: round trip, refusal of code-running pickles, and mismatched architectures or shapes."""
+"""Checkpoints: round trip (torch and safetensors), refusal of code-running pickles, sha256, mismatched models."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from pipeline.errors import CheckpointError, SegpipeError
@@ -170,3 +172,72 @@ def test_missing_meta_is_checkpoint_error():
 def test_empty_bytes_is_checkpoint_error():
     with pytest.raises(CheckpointError):
         load_checkpoint(b"", "empty.pt")
+
+
+# --- safetensors, sha256, expected architecture and class count -------------------------------------------
+
+
+def test_safetensors_round_trip():
+    model = _model()
+    data = save_checkpoint(model, META, extra={"epochs": 3}, format="safetensors")
+    tensors = safetensors.torch.load(data)  # a plain safetensors file: any safetensors reader opens it
+    assert tensors.keys() == model.state_dict().keys()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert json.loads(header["__metadata__"]["segpipe.meta"])["arch"] == "unet_tiny"
+    assert json.loads(header["__metadata__"]["segpipe.extra"]) == {"epochs": 3}
+    loaded, meta = load_checkpoint(data, "ck.safetensors", expect_arch="unet_tiny", expect_classes=3)
+    assert meta == META
+    assert not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_safetensors_without_segpipe_meta_refused():
+    data = safetensors.torch.save({k: v.contiguous() for k, v in _model().state_dict().items()})
+    with pytest.raises(CheckpointError, match=f"not a {FORMAT} file"):
+        load_checkpoint(data, "foreign.safetensors")
+
+
+def test_safetensors_with_garbled_meta_refused():
+    data = safetensors.torch.save({"w": torch.zeros(2)}, metadata={"segpipe.meta": "{not json"})
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(data, "bad.safetensors")
+
+
+def test_unknown_save_format_refused():
+    with pytest.raises(ValueError, match="'onnx'"):
+        save_checkpoint(_model(), META, format="onnx")
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_sha256_checked_before_parsing(fmt):
+    data = save_checkpoint(_model(), META, format=fmt)
+    good = sha256_hex(data)
+    load_checkpoint(data, "ck", sha256=good)
+    load_checkpoint(data, "ck", sha256=good.upper())
+    bad = "0" * 64
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(data, "ck", sha256=bad)
+    assert good in str(ei.value) and bad in str(ei.value) and "ck" in str(ei.value)
+    # a mismatch is reported as such even for bytes that would not parse
+    with pytest.raises(CheckpointError, match=f"has sha256 {sha256_hex(b'junk')}"):
+        load_checkpoint(b"junk", "ck", sha256=bad)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_wrong_architecture_or_class_count_names_both(fmt):
+    data = save_checkpoint(_model(), META, format=fmt)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(data, "ck.pt", expect_arch="fcn8s", expect_classes=21)
+    assert str(ei.value) == (
+        "checkpoint ck.pt is for 'unet_tiny' with 3 classes, but the config asks for 'fcn8s' with 21 classes"
+    )
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(data, "ck.pt", expect_classes=5)
+    assert str(ei.value) == (
+        "checkpoint ck.pt is for 'unet_tiny' with 3 classes, but the config asks for 'unet_tiny' with 5 classes"
+    )
+    load_checkpoint(data, "ck.pt", expect_arch="unet_tiny", expect_classes=3)

@@ -1,16 +1,23 @@
 """Checkpoints: weights plus the metadata a run needs (classes, palette, normalisation, input policy).
 
-A checkpoint is a plain dict saved with ``torch.save`` and read back with
-``torch.load(weights_only=True)``, so a pickle that would run code is refused.
+Two formats, told apart by their first bytes when read:
+
+- "torch": a plain dict (format, meta, state_dict, extra) saved with ``torch.save`` and read back with
+  ``torch.load(weights_only=True)``, so a pickle that would run code is refused;
+- "safetensors": the state dict as a safetensors file, whose header metadata holds the ModelMeta as JSON
+  under "segpipe.meta" and the extra dict as JSON under "segpipe.extra". A safetensors file without
+  "segpipe.meta" (someone else's weights) is refused; ``weights_import`` turns such weights into a checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -19,6 +26,8 @@ from pipeline.models.registry import get_model
 from pipeline.palette import voc_colormap
 
 FORMAT = "segpipe-checkpoint/1"
+SAFETENSORS_META_KEY = "segpipe.meta"
+SAFETENSORS_EXTRA_KEY = "segpipe.extra"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -49,13 +58,39 @@ class ModelMeta:
         return pal
 
 
-def save_checkpoint(model: nn.Module, meta: ModelMeta, extra: dict[str, Any] | None = None) -> bytes:
-    payload = {
-        "format": FORMAT,
-        "meta": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(meta).items()},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "extra": extra or {},
-    }
+def default_meta(arch: str, class_names: tuple[str, ...] | list[str], **arch_kwargs: Any) -> ModelMeta:
+    """The metadata a new ``arch`` model starts with: ImageNet normalisation, the VOC palette, and the "pad"
+    policy with the model's own ``stride``, read from a copy built on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = get_model(arch, num_classes=len(class_names), **arch_kwargs)
+    return ModelMeta(
+        arch=arch,
+        class_names=tuple(class_names),
+        input_policy="pad",
+        stride=getattr(model, "stride", 1),
+        arch_kwargs=dict(arch_kwargs),
+        palette=tuple(tuple(int(c) for c in rgb) for rgb in voc_colormap(len(class_names))),
+    )
+
+
+def _meta_to_dict(meta: ModelMeta) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(meta).items()}
+
+
+def save_checkpoint(
+    model: nn.Module, meta: ModelMeta, extra: dict[str, Any] | None = None, format: str = "torch"
+) -> bytes:
+    """The checkpoint's bytes, "torch" or "safetensors" (then ``extra`` must be JSON-serialisable)."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if format == "safetensors":
+        metadata = {
+            SAFETENSORS_META_KEY: json.dumps(_meta_to_dict(meta)),
+            SAFETENSORS_EXTRA_KEY: json.dumps(extra or {}),
+        }
+        return safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+    if format != "torch":
+        raise ValueError(f"unknown checkpoint format {format!r}; use 'torch' or 'safetensors'")
+    payload = {"format": FORMAT, "meta": _meta_to_dict(meta), "state_dict": state_dict, "extra": extra or {}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
@@ -79,10 +114,38 @@ def _meta_from_dict(raw: dict) -> ModelMeta:
     )
 
 
-def load_checkpoint(data: bytes, source: str, expect_arch: str | None = None) -> tuple[nn.Module, ModelMeta]:
-    """Build the model a checkpoint describes, in eval mode, from its bytes."""
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file opens with the little-endian u64 length of its JSON header, then the header."""
+    return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+
+
+def _read_safetensors(data: bytes) -> dict[str, Any]:
+    state_dict = safetensors.torch.load(data)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    metadata = header.get("__metadata__") or {}
+    if SAFETENSORS_META_KEY not in metadata:
+        return {}
+    return {"format": FORMAT, "meta": json.loads(metadata[SAFETENSORS_META_KEY]), "state_dict": state_dict}
+
+
+def load_checkpoint(
+    data: bytes,
+    source: str,
+    expect_arch: str | None = None,
+    expect_classes: int | None = None,
+    sha256: str | None = None,
+) -> tuple[nn.Module, ModelMeta]:
+    """Build the model a checkpoint describes, in eval mode, from its bytes (either format).
+
+    ``sha256`` is checked before anything is parsed; ``expect_arch`` and ``expect_classes`` against the metadata.
+    """
+    if sha256 is not None and (actual := sha256_hex(data)) != sha256.lower():
+        raise CheckpointError(f"checkpoint {source} has sha256 {actual}, but {sha256} was expected")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if _is_safetensors(data):
+            payload = _read_safetensors(data)
+        else:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {source}: {reason}") from e
@@ -93,9 +156,10 @@ def load_checkpoint(data: bytes, source: str, expect_arch: str | None = None) ->
         state_dict = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {source} lacks or garbles its metadata: {e!r}") from e
-    if expect_arch is not None and meta.arch != expect_arch:
+    if expect_arch not in (None, meta.arch) or expect_classes not in (None, meta.num_classes):
+        asked = repr(expect_arch or meta.arch) + ("" if expect_classes is None else f" with {expect_classes} classes")
         raise CheckpointError(
-            f"checkpoint {source} is for model {meta.arch!r}, but the config asks for {expect_arch!r}"
+            f"checkpoint {source} is for {meta.arch!r} with {meta.num_classes} classes, but the config asks for {asked}"
         )
     try:
         model = get_model(meta.arch, num_classes=meta.num_classes, **meta.arch_kwargs)
