@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -80,7 +81,7 @@ def segment_dataset(
     checkpoint_uri: str | None = None,
     model: str | None = None,
     shard_size: int | None = None,
-    actors: int | None = None,
+    actors: int | Literal["auto"] | None = None,
     batch_size: int | None = None,
     config_path: str | None = None,
     run_date: str | None = None,

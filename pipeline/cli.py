@@ -1,4 +1,4 @@
-"""The ``segpipe`` command: run, serve, make-dataset, train."""
+"""The ``segpipe`` command: run, serve, make-dataset, train, models."""
 
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.models import list_models
+    from pipeline.models.profile import profile
+
+    rows = [profile(name, size=args.size, seconds=args.seconds) for name in list_models()]
+    threads = rows[0]["torch_threads"]
+    print(f"| model | parameters | GFLOPs at {args.size}x{args.size} | CPU images/s ({threads} threads) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| `{r['model']}` | {r['parameters']:,} | {r['gflops']} | {r['cpu_images_per_s']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def _make_dataset(args: argparse.Namespace) -> int:
     from pipeline.synthetic import make_dataset
 
@@ -52,15 +70,14 @@ def _make_dataset(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import TrainConfig, load_config
     from pipeline.synthetic import CLASS_NAMES
-    from pipeline.train import TrainConfig, train
+    from pipeline.train import train
 
-    cfg = TrainConfig(
-        data_uri=args.data,
-        val_uri=args.val,
-        output=args.out,
+    overrides = dict(
         model=args.model,
-        class_names=tuple(args.classes.split(",")) if args.classes else CLASS_NAMES,
+        output_uri=args.out,
+        class_names=args.classes.split(",") if args.classes else None,
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size,
@@ -68,10 +85,23 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
+        init_checkpoint_uri=args.init,
+        checkpoint_format=args.format,
     )
+    # --data/--val name folders as `segpipe make-dataset` writes them: images/ and index-PNG labels/.
+    for key, folder in (("train", args.data), ("val", args.val)):
+        if folder:
+            overrides[key] = {"input_uri": f"{folder}/images", "labels_uri": f"{folder}/labels"}
+    if not args.config and not args.classes:
+        overrides["class_names"] = list(CLASS_NAMES)
+    cfg = load_config(args.config, schema=TrainConfig, **overrides)
     result = train(cfg)
-    print(f"best validation mean IoU {result['best_val_mean_iou']:.4f}; checkpoint written to {args.out}")
+    print(f"best validation mean IoU {result['best_val_mean_iou']:.4f}; checkpoint written to {cfg.output_uri}")
     return 0
+
+
+def _actors(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="registry model name")
     run.add_argument("--checkpoint", help="checkpoint URI")
     run.add_argument("--shard-size", type=int, help="images per shard")
-    run.add_argument("--actors", type=int, help="Ray actors (one model each)")
+    run.add_argument("--actors", type=_actors, help="Ray actors (one model each), or auto: from the cluster")
     run.add_argument("--batch-size", type=int, help="images per forward pass")
     run.set_defaults(fn=_run)
 
@@ -96,25 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--limit", type=int, help="at most this many flow runs at once")
     sv.set_defaults(fn=_serve)
 
+    md = sub.add_parser("models", help="every registry model: parameters, GFLOPs and CPU images/s, measured here")
+    md.add_argument("--size", type=int, default=512, help="square input size")
+    md.add_argument("--seconds", type=float, default=5.0, help="timing per model")
+    md.add_argument("--json", help="also write the figures here")
+    md.set_defaults(fn=_models)
+
     mk = sub.add_parser("make-dataset", help="write a procedural labeled dataset (shapes on textures)")
     mk.add_argument("out", help="output folder; images/ and labels/ are written inside")
     mk.add_argument("--count", type=int, default=100)
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(fn=_make_dataset)
 
-    tr = sub.add_parser("train", help="train a registry model on a labeled dataset folder")
-    tr.add_argument("--data", required=True, help="training folder with images/ and labels/")
-    tr.add_argument("--val", required=True, help="validation folder with images/ and labels/")
-    tr.add_argument("--out", required=True, help="checkpoint URI to write (the best epoch)")
-    tr.add_argument("--model", default="unet_tiny")
+    tr = sub.add_parser("train", help="fine-tune a registry model on a labeled dataset (any layout and label format)")
+    tr.add_argument("--config", help="YAML of TrainConfig fields: model, class_names, train, val, output_uri, ...")
+    tr.add_argument("--data", help="training folder with images/ and labels/ (as make-dataset writes)")
+    tr.add_argument("--val", help="validation folder with images/ and labels/")
+    tr.add_argument("--out", help="checkpoint URI to write (the best epoch)")
+    tr.add_argument("--model", help="registry model name (default unet_tiny)")
     tr.add_argument("--classes", help="comma-separated class names (default: the procedural dataset's)")
-    tr.add_argument("--epochs", type=int, default=40)
-    tr.add_argument("--steps-per-epoch", type=int, default=100)
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--crop", type=int, default=96)
-    tr.add_argument("--lr", type=float, default=2e-3)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto")
+    tr.add_argument("--init", help="checkpoint to start from (tensors that fit are copied)")
+    tr.add_argument("--format", choices=("torch", "safetensors"), help="checkpoint format (default torch)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--steps-per-epoch", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--crop", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device")
     tr.set_defaults(fn=_train)
     return p
 

@@ -32,7 +32,23 @@ def _clean_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def _known_model(name: str) -> str:
+    from pipeline.models import list_models
+
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return name
+
+
+def _device(v: str) -> str:
+    if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+    return v
+
+
 Uri = Annotated[str, AfterValidator(_clean_uri)]
+ModelName = Annotated[str, AfterValidator(_known_model)]
+Device = Annotated[str, AfterValidator(_device)]
 
 
 class StorageConfig(BaseModel):
@@ -135,10 +151,10 @@ class JobConfig(BaseModel):
     output_uri: Uri = Field(description="where masks, stats, metrics and the manifest go")
     labels_uri: Uri | None = Field(None, description="folder of label files, or a COCO instances JSON")
     checkpoint_uri: Uri = Field(description="segpipe checkpoint: weights plus classes and preprocessing")
-    model: str | None = Field(None, description="registry name; defaults to the checkpoint's architecture")
+    model: ModelName | None = Field(None, description="registry name; defaults to the checkpoint's architecture")
     shard_size: int = Field(64, ge=1, description="images per shard: the unit of work, retry and commit")
     actors: int | Literal["auto"] = Field(
-        1, description="Ray actors, each holding one model; auto: one per GPU (or per cpus_per_actor CPUs) of the cluster"
+        1, description="Ray actors, each holding one model; auto: one per GPU (or cpus_per_actor CPUs) of the cluster"
     )
     gpus_per_actor: float | None = Field(
         None,
@@ -150,7 +166,7 @@ class JobConfig(BaseModel):
         None, gt=0, description="CPUs each actor reserves, also its torch threads; default the cluster's CPUs // actors"
     )
     batch_size: int = Field(8, ge=1, description="images per forward pass (same-size images only)")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
     io_threads: int = Field(8, ge=1, le=256, description="threads per actor for reading, decoding, encoding")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
@@ -163,22 +179,6 @@ class JobConfig(BaseModel):
     def resolve(self, uri: str):
         """``(fs, path)`` for one of this job's URIs, with the storage settings applied."""
         return storage.resolve(uri, **self.storage.options(uri))
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str | None) -> str | None:
-        from pipeline.models import list_models
-
-        if v is not None and v not in list_models():
-            raise ValueError(f"unknown model {v!r}; registered models: {', '.join(list_models())}")
-        return v
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -239,6 +239,44 @@ class EvaluateConfig(BaseModel):
         if bad:
             raise ValueError(f"class indices must be 0..254, got {bad}")
         return v
+
+
+class DataConfig(BaseModel):
+    """A labeled dataset in any layout and label format (training, validation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_uri: Uri = Field(description="images, tar shards or Parquet files")
+    labels_uri: Uri | None = Field(None, description="folder of label files, or a COCO JSON; none for in-band labels")
+    input: InputConfig = Field(default_factory=InputConfig, description="input layout")
+    labels: LabelsConfig = Field(default_factory=LabelsConfig, description="label format")
+
+
+class TrainConfig(BaseModel):
+    """``segpipe train``: fine-tune a registry model on a labeled dataset; the best epoch is the checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelName = Field("unet_tiny", description="registry name")
+    class_names: list[str] = Field(min_length=2, description="class names in index order")
+    train: DataConfig
+    val: DataConfig
+    output_uri: Uri = Field(description="checkpoint to write (the best validation epoch)")
+    checkpoint_format: Literal["torch", "safetensors"] = "torch"
+    init_checkpoint_uri: Uri | None = Field(
+        None, description="start from these weights (tensors whose shapes differ, e.g. the classifier, are left)"
+    )
+    epochs: int = Field(40, ge=1)
+    steps_per_epoch: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    crop: int = Field(96, ge=8, description="random square crops (padded with ignore when an image is smaller)")
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N; bf16 autocast on CUDA")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
+
+    def resolve(self, uri: str):
+        return storage.resolve(uri, **self.storage.options(uri))
 
 
 def load_config(path: str | Path | None = None, schema: type[BaseModel] = JobConfig, **overrides: Any) -> Any:
