@@ -151,6 +151,9 @@ class JobConfig(BaseModel):
     output_uri: Uri = Field(description="where masks, stats, metrics and the manifest go")
     labels_uri: Uri | None = Field(None, description="folder of label files, or a COCO instances JSON")
     checkpoint_uri: Uri = Field(description="segpipe checkpoint: weights plus classes and preprocessing")
+    checkpoint_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="expected sha256 of the checkpoint file, checked before use"
+    )
     model: ModelName | None = Field(None, description="registry name; defaults to the checkpoint's architecture")
     shard_size: int = Field(64, ge=1, description="images per shard: the unit of work, retry and commit")
     actors: int | Literal["auto"] = Field(

@@ -88,7 +88,7 @@ def _require_output(cfg: JobConfig) -> None:
 
 @dataclass(frozen=True)
 class Preflight:
-    cfg: JobConfig  # with ``model`` filled in from the checkpoint when the config left it out
+    cfg: JobConfig  # with ``model`` and ``checkpoint_sha256`` filled in from the checkpoint
     meta: ModelMeta
     checkpoint_sha256: str
 
@@ -104,11 +104,12 @@ def preflight(cfg: JobConfig) -> Preflight:
         data = ckpt_fs.cat_file(ckpt_path)
     except Exception as e:  # missing file, unreachable store, denied access
         raise CheckpointError(f"cannot read checkpoint {cfg.checkpoint_uri}: {e}") from e
-    _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model)
-    if cfg.model is None:
-        cfg = cfg.model_copy(update={"model": meta.arch})
+    _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model, sha256=cfg.checkpoint_sha256)
+    # The actors load the checkpoint again: they must get the bytes checked here, and the model they name.
+    sha = sha256_hex(data)
+    cfg = cfg.model_copy(update={"model": cfg.model or meta.arch, "checkpoint_sha256": sha})
     _check_labels(cfg, meta)
-    return Preflight(cfg, meta, sha256_hex(data))
+    return Preflight(cfg, meta, sha)
 
 
 def _check_labels(cfg: JobConfig, meta: ModelMeta) -> None:

@@ -71,7 +71,9 @@ class ShardProcessor:
         self.run_id = run_id
         self.node = _ray_node_id()
         ckpt_fs, ckpt_path = cfg.resolve(cfg.checkpoint_uri)
-        model, self.meta = load_checkpoint(ckpt_fs.cat_file(ckpt_path), cfg.checkpoint_uri, expect_arch=cfg.model)
+        model, self.meta = load_checkpoint(
+            ckpt_fs.cat_file(ckpt_path), cfg.checkpoint_uri, expect_arch=cfg.model, sha256=cfg.checkpoint_sha256
+        )
         self.predictor = Predictor(
             model, self.meta, device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision
         )

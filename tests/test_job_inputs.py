@@ -129,3 +129,15 @@ def test_an_input_with_nothing_to_segment_names_what_was_looked_for(tmp_path, ch
     lay_out(tmp_path, {"in/readme.txt": b"hello"})
     with pytest.raises(InputError, match="holds no images .* tar shards or Parquet files"):
         plan_job(config(tmp_path, checkpoint, {"input_uri": "in"}))
+
+
+def test_a_checkpoint_whose_sha256_differs_from_the_one_configured_is_refused(tmp_path, checkpoint):
+    from pipeline.errors import CheckpointError
+    from pipeline.models.checkpoint import sha256_hex
+
+    built = build("files", "index_png")
+    lay_out(tmp_path, built.files)
+    with pytest.raises(CheckpointError, match=f"has sha256 {sha256_hex(checkpoint.read_bytes())}, but {'0' * 64}"):
+        plan_job(config(tmp_path, checkpoint, built.fields, checkpoint_sha256="0" * 64))
+    plan = plan_job(config(tmp_path, checkpoint, built.fields, checkpoint_sha256=sha256_hex(checkpoint.read_bytes())))
+    assert plan.cfg.checkpoint_sha256 == plan.checkpoint_sha256
