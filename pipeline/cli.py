@@ -1,4 +1,4 @@
-"""The ``segpipe`` command: run, serve, make-dataset, train, models."""
+"""The ``segpipe`` command: run, serve, bench, make-dataset, train, models."""
 
 from __future__ import annotations
 
@@ -58,6 +58,25 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pipeline.bench.runner import format_table, run_bench
+    from pipeline.bench.workload import build
+
+    quick = dict(size=256, count=32, batch_size=4) if args.quick else {}
+    size, count, batch = (quick.get(k) or getattr(args, k) for k in ("size", "count", "batch_size"))
+    settings = dict(batch_size=batch, actors=args.actors, device=args.device, precision=args.precision)
+    workload = build(Path(args.work).expanduser(), args.model, size, count, **settings)
+    paths = tuple(p.strip() for p in args.paths.split(","))
+    report = run_bench(workload, paths, on_path=lambda name, r: log.info("%s: %s", name, r))
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
@@ -131,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--seconds", type=float, default=5.0, help="timing per model")
     md.add_argument("--json", help="also write the figures here")
     md.set_defaults(fn=_models)
+
+    bn = sub.add_parser("bench", help="one workload through ceiling, naive, raydata and segpipe paths, side by side")
+    bn.add_argument("--model", default="lraspp_mobilenet_v3_large", help="registry model (random weights)")
+    bn.add_argument("--size", type=int, default=512, help="square image size")
+    bn.add_argument("--count", type=int, default=256, help="images")
+    bn.add_argument("--batch-size", type=int, default=8)
+    bn.add_argument("--actors", type=int, default=2, help="actors of the raydata and segpipe paths")
+    bn.add_argument("--device", default="auto")
+    bn.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    bn.add_argument("--paths", default="ceiling,naive,raydata,segpipe", help="comma-separated subset, in order")
+    bn.add_argument("--quick", action="store_true", help="32 images of 256x256, batch 4: a smoke run")
+    bn.add_argument("--work", default="~/.cache/segpipe/bench", help="where images and checkpoints are kept")
+    bn.add_argument("--json", help="write the report here")
+    bn.set_defaults(fn=_bench)
 
     mk = sub.add_parser("make-dataset", help="write a procedural labeled dataset (shapes on textures)")
     mk.add_argument("out", help="output folder; images/ and labels/ are written inside")

@@ -79,12 +79,7 @@ class Predictor:
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         x = self._fit_input(x)
-        ctx = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        with self.autocast():
             logits = self.model(x)
         if isinstance(logits, dict):  # torchvision segmentation models return {"out": ...}
             logits = logits["out"]
@@ -94,6 +89,12 @@ class Predictor:
         masks = labels.to(torch.uint8).cpu().numpy()
         confs = conf.cpu().numpy()
         return [Prediction(m, float(c)) for m, c in zip(masks, confs, strict=True)]
+
+    def autocast(self):
+        """Reduced-precision autocast on CUDA when asked for; nothing otherwise."""
+        if self.autocast_dtype:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
 
     def _fit_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.meta.input_policy == "resize":

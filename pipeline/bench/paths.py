@@ -1,0 +1,174 @@
+"""The four paths of ``segpipe bench``. ``python -m pipeline.bench.paths <path> '<workload json>'`` runs one
+and prints ``{"images": n, "seconds": s}``: wall time of the work itself, after imports; Ray, where a path
+uses it, is started before the clock (both Ray paths alike), model loading is inside it except for
+``ceiling``, which measures the forward pass alone."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bench.workload import Workload
+
+
+def _load(w: Workload):
+    from pipeline.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(w.checkpoint).read_bytes(), w.checkpoint)
+
+
+def ceiling(w: Workload) -> int:
+    """Forward passes over pre-decoded, normalised inputs already on the device; argmax included."""
+    import torch
+
+    from pipeline.images import decode_rgb
+    from pipeline.predictor import Predictor
+
+    model, meta = _load(w)
+    pred = Predictor(model, meta, device=w.device, batch_size=w.batch_size, precision=w.precision)
+    files = sorted(Path(w.images).glob("*.jpg"))
+    x = torch.from_numpy(np.stack([decode_rgb(f.read_bytes()) for f in files[: w.batch_size]]))
+    x = ((x.to(pred.device).permute(0, 3, 1, 2).float() - pred.mean) / pred.std).contiguous(
+        memory_format=pred.memory_format
+    )
+    batches = -(-w.count // w.batch_size)
+    with torch.inference_mode(), pred.autocast():
+        pred.model(x).argmax(1)  # warm-up
+        _sync(pred.device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            pred.model(x).argmax(1)
+        _sync(pred.device)
+    return batches * w.batch_size, time.perf_counter() - start
+
+
+def naive(w: Workload) -> tuple[int, float]:
+    """What a user writes first: one image at a time, fp32, PNG and row per image, Parquet at the end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    start = time.perf_counter()
+    model, meta = _load(w)
+    mean, std = torch.tensor(meta.mean).view(3, 1, 1), torch.tensor(meta.std).view(3, 1, 1)
+    out = Path(tempfile.mkdtemp(prefix="bench-naive-"))
+    rows = []
+    for f in sorted(Path(w.images).glob("*.jpg")):
+        img = np.asarray(Image.open(f).convert("RGB"))
+        x = ((torch.from_numpy(img).permute(2, 0, 1).float() / 255 - mean) / std)[None]
+        with torch.no_grad():
+            mask = model(x).argmax(1)[0].numpy().astype(np.uint8)
+        Image.fromarray(mask, mode="L").save(out / f"{f.stem}.png")
+        rows.append({"image": f.name, "class_pixels": np.bincount(mask.ravel(), minlength=meta.num_classes).tolist()})
+    pq.write_table(pa.Table.from_pylist(rows), out / "stats.parquet")
+    return len(rows), time.perf_counter() - start
+
+
+def raydata(w: Workload) -> tuple[int, float]:
+    """Ray Data's documented batch-inference pattern with a callable-class predictor on an actor pool."""
+    import ray
+
+    ray.init(num_cpus=_cpus(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    out = tempfile.mkdtemp(prefix="bench-raydata-")
+    start = time.perf_counter()
+    # A stall must fail the run, not wait out Ray Data's 30-minute default.
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 300
+    ds = ray.data.read_images(w.images, mode="RGB", include_paths=True)
+    ds = ds.map_batches(
+        _RayDataPredictor,
+        fn_constructor_kwargs={"workload": w},
+        batch_size=w.batch_size,
+        concurrency=w.actors,
+        # Ray Data's read tasks need a CPU of their own; actors holding every CPU would starve them forever.
+        num_cpus=max(_cpus() - 1, 1) / w.actors,
+    )
+    ds.write_parquet(out)
+    images = sum(pq_rows(f) for f in Path(out).glob("*.parquet"))
+    return images, time.perf_counter() - start
+
+
+class _RayDataPredictor:
+    def __init__(self, workload: Workload) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, _cpus() // workload.actors))
+        from pipeline.predictor import Predictor
+
+        model, meta = _load(workload)
+        self.predictor = Predictor(model, meta, workload.device, workload.batch_size, workload.precision)
+        self.num_classes = meta.num_classes
+
+    def __call__(self, batch: dict) -> dict:
+        from pipeline.palette import mask_to_png
+
+        preds = self.predictor.predict(list(batch["image"]))
+        return {
+            "path": batch["path"],
+            "mask_png": np.array([mask_to_png(p.mask) for p in preds], dtype=object),
+            "class_pixels": np.array(
+                [np.bincount(p.mask.ravel(), minlength=self.num_classes) for p in preds], dtype=np.int64
+            ),
+        }
+
+
+def segpipe(w: Workload) -> tuple[int, float]:
+    """The real job: plan, actors, masks, stats parts, reduce, manifest (without Prefect's orchestration)."""
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.execution import run_shards
+    from pipeline.job import finalize_job, plan_job
+
+    ray.init(num_cpus=_cpus(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    out = tempfile.mkdtemp(prefix="bench-segpipe-")
+    start = time.perf_counter()
+    cfg = load_config(
+        None,
+        input_uri=w.images,
+        output_uri=out,
+        checkpoint_uri=w.checkpoint,
+        batch_size=w.batch_size,
+        actors=w.actors,
+        # Enough shards for every actor to hold two at once (one reading while the other computes).
+        shard_size=max(w.batch_size, w.count // (4 * w.actors)),
+        device=w.device,
+        precision=w.precision,
+    )
+    plan = plan_job(cfg)
+    infer_start = time.perf_counter()
+    summaries = run_shards(plan.cfg, plan.run_id, plan.pending)
+    result = finalize_job(plan, summaries, time.perf_counter() - infer_start)
+    return result["manifest"]["counts"]["images"], time.perf_counter() - start
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+PATHS = {"ceiling": ceiling, "naive": naive, "raydata": raydata, "segpipe": segpipe}
+
+if __name__ == "__main__":
+    images, seconds = PATHS[sys.argv[1]](Workload.from_json(sys.argv[2]))
+    print(json.dumps({"images": images, "seconds": seconds}))
+    sys.stdout.flush()

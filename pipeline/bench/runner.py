@@ -1,0 +1,121 @@
+"""Run the benchmark's paths one after another, each in its own process; figures, ratios and the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.bench.memory import PeakTreeRSS
+from pipeline.bench.workload import Workload
+
+ORDER = ("ceiling", "naive", "raydata", "segpipe")
+
+
+def run_path(name: str, workload: Workload) -> dict:
+    """One path in a fresh Python process: images/s, seconds, and the peak RSS of its whole process tree."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.bench.paths", name, workload.to_json()],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        )
+        with PeakTreeRSS(proc.pid) as peak:
+            out, _ = proc.communicate()
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"bench path {name} failed (exit {proc.returncode}):\n{log.read()[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return {
+        "images": result["images"],
+        "seconds": round(result["seconds"], 3),
+        "images_per_s": round(result["images"] / result["seconds"], 3),
+        "peak_rss_mb": round(peak.bytes / 2**20, 1),
+    }
+
+
+def run_bench(workload: Workload, paths: tuple[str, ...] = ORDER, on_path=None) -> dict:
+    results = {}
+    for name in paths:
+        results[name] = run_path(name, workload)
+        if on_path:
+            on_path(name, results[name])
+    ratios = {
+        f"segpipe_over_{other}": round(results["segpipe"]["images_per_s"] / results[other]["images_per_s"], 3)
+        for other in ("ceiling", "naive", "raydata")
+        if "segpipe" in results and other in results
+    }
+    return {
+        "machine": machine(),
+        "model": workload.model,
+        "image_size": workload.size,
+        "images": workload.count,
+        "batch_size": workload.batch_size,
+        "actors": workload.actors,
+        "device": workload.device,
+        "precision": workload.precision,
+        "versions": versions(),
+        "paths": results,
+        "ratios": ratios,
+    }
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu": _cpu_model(),
+        "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+        "gpu": None,
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    from pipeline import __version__
+
+    return {
+        "segpipe": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        f"{report['model']}, {report['images']} images of {report['image_size']}x{report['image_size']}, "
+        f"batch {report['batch_size']}, {report['actors']} actors, {report['device']} {report['precision']}",
+        f"{'path':<10}{'images/s':>10}{'seconds':>10}{'peak RSS MB':>13}",
+    ]
+    for name, r in report["paths"].items():
+        lines.append(f"{name:<10}{r['images_per_s']:>10.2f}{r['seconds']:>10.1f}{r['peak_rss_mb']:>13.0f}")
+    lines += [f"{k}: {v:.2f}" for k, v in report["ratios"].items()]
+    return "\n".join(lines)

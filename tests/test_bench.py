@@ -1,0 +1,59 @@
+"""segpipe bench --quick: every path runs and the report has every key with sane values (no speed thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.bench.memory import tree_rss_bytes
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_reports_every_path_and_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--model", "unet_tiny", "--actors", "1", "--device", "cpu", "--work", str(tmp_path)]
+    assert main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    assert set(report["paths"]) == {"ceiling", "naive", "raydata", "segpipe"}
+    for name, path in report["paths"].items():
+        assert path["images"] >= 32, name
+        assert path["images_per_s"] > 0 and path["seconds"] > 0, name
+        assert 50 < path["peak_rss_mb"] < 16_000, name
+    assert set(report["ratios"]) == {"segpipe_over_ceiling", "segpipe_over_naive", "segpipe_over_raydata"}
+    seg = report["paths"]["segpipe"]["images_per_s"]
+    for other in ("ceiling", "naive", "raydata"):
+        expected = seg / report["paths"][other]["images_per_s"]
+        assert report["ratios"][f"segpipe_over_{other}"] == pytest.approx(expected, rel=1e-2)
+    assert (report["model"], report["image_size"], report["batch_size"], report["precision"]) == (
+        "unet_tiny",
+        256,
+        4,
+        "fp32",
+    )
+    assert report["machine"]["cpus"] >= 1 and report["versions"]["torch"]
+    # The Ray paths' memory includes their worker processes: more than the driver alone holds.
+    assert report["paths"]["segpipe"]["peak_rss_mb"] > report["paths"]["ceiling"]["peak_rss_mb"]
+
+
+def test_tree_rss_counts_children(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    alone = tree_rss_bytes(os.getpid())
+    code = "import time; x = b'1' * (200 * 2**20); time.sleep(30)"  # written bytes: resident, unlike calloc'd zeros
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while tree_rss_bytes(os.getpid()) < alone + 150 * 2**20:
+            assert time.monotonic() < deadline, "the child's 200 MB never showed up"
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
