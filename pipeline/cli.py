@@ -65,16 +65,26 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pipeline.bench.runner import format_table, run_bench
-    from pipeline.bench.workload import build
+    work = Path(args.work).expanduser()
+    if args.overheads:
+        from pipeline.bench.overheads import measure
 
-    quick = dict(size=256, count=32, batch_size=4) if args.quick else {}
-    size, count, batch = (quick.get(k) or getattr(args, k) for k in ("size", "count", "batch_size"))
-    settings = dict(batch_size=batch, actors=args.actors, device=args.device, precision=args.precision)
-    workload = build(Path(args.work).expanduser(), args.model, size, count, **settings)
-    paths = tuple(p.strip() for p in args.paths.split(","))
-    report = run_bench(workload, paths, on_path=lambda name, r: log.info("%s: %s", name, r))
-    print(format_table(report))
+        report = measure(work)
+        print(json.dumps(report, indent=2))
+    else:
+        from pipeline.bench.runner import format_table, run_bench
+        from pipeline.bench.workload import build
+        from pipeline.predictor import resolve_device
+
+        quick = dict(size=256, count=32, batch_size=4) if args.quick else {}
+        size, count, batch = (quick.get(k) or getattr(args, k) for k in ("size", "count", "batch_size"))
+        # On CPU one image per forward is fastest (larger batches spill the caches); GPUs want full batches.
+        batch = batch or (1 if resolve_device(args.device).type == "cpu" else 16)
+        settings = dict(batch_size=batch, actors=args.actors, device=args.device, precision=args.precision)
+        workload = build(work, args.model, size, count, **settings)
+        paths = tuple(p.strip() for p in args.paths.split(","))
+        report = run_bench(workload, paths, on_path=lambda name, r: log.info("%s: %s", name, r))
+        print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -155,12 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--model", default="lraspp_mobilenet_v3_large", help="registry model (random weights)")
     bn.add_argument("--size", type=int, default=512, help="square image size")
     bn.add_argument("--count", type=int, default=256, help="images")
-    bn.add_argument("--batch-size", type=int, default=8)
+    bn.add_argument("--batch-size", type=int, help="default 1 on CPU, 16 on CUDA")
     bn.add_argument("--actors", type=int, default=2, help="actors of the raydata and segpipe paths")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     bn.add_argument("--paths", default="ceiling,naive,raydata,segpipe", help="comma-separated subset, in order")
     bn.add_argument("--quick", action="store_true", help="32 images of 256x256, batch 4: a smoke run")
+    bn.add_argument(
+        "--overheads", action="store_true", help="instead: planning and reduce time vs dataset size on a local S3"
+    )
     bn.add_argument("--work", default="~/.cache/segpipe/bench", help="where images and checkpoints are kept")
     bn.add_argument("--json", help="write the report here")
     bn.set_defaults(fn=_bench)

@@ -171,6 +171,7 @@ class JobConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="images per forward pass (same-size images only)")
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
+    channels_last: bool = Field(True, description="NHWC tensors: faster convolutions with oneDNN (CPU) and cuDNN")
     io_threads: int = Field(8, ge=1, le=256, description="threads per actor for reading, decoding, encoding")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
     shard_retries: int = Field(2, ge=0, le=10, description="reruns of a shard that failed (e.g. a storage outage)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -17,6 +18,7 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 CONFUSION = "confusion_matrix.parquet"
 RUN_ID_KEY = b"segpipe.run_id"
+_REDUCE_FETCH = 32  # stats parts the reduce fetches at once (a part is KBs to a few MB)
 
 STATS_SCHEMA = pa.schema(
     [
@@ -87,19 +89,21 @@ def read_confusion(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes:
     """Sum the per-image sparse confusion cells of the given parts; also count images, errors, labeled."""
     mat = np.zeros((num_classes, num_classes), dtype=np.int64)
     counts = {"images": 0, "errors": 0, "labeled": 0}
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["confusion", "labeled", "error"])
-        counts["images"] += table.num_rows
-        counts["errors"] += table.num_rows - table["error"].null_count
-        counts["labeled"] += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
-        cells = table["confusion"].combine_chunks().flatten()
-        if len(cells):
-            np.add.at(
-                mat,
-                (cells.field("gt").to_numpy(), cells.field("pred").to_numpy()),
-                cells.field("count").to_numpy(),
-            )
+    with ThreadPoolExecutor(_REDUCE_FETCH) as pool:
+        # Parts are fetched many at once (on S3 one GET after another would dominate), a bounded group at a time.
+        for group in range(0, len(paths), _REDUCE_FETCH):
+            for blob in pool.map(fs.cat_file, paths[group : group + _REDUCE_FETCH]):
+                table = pq.read_table(pa.BufferReader(blob), columns=["confusion", "labeled", "error"])
+                counts["images"] += table.num_rows
+                counts["errors"] += table.num_rows - table["error"].null_count
+                counts["labeled"] += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
+                cells = table["confusion"].combine_chunks().flatten()
+                if len(cells):
+                    np.add.at(
+                        mat,
+                        (cells.field("gt").to_numpy(), cells.field("pred").to_numpy()),
+                        cells.field("count").to_numpy(),
+                    )
     return mat, counts
 
 

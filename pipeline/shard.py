@@ -75,7 +75,12 @@ class ShardProcessor:
             ckpt_fs.cat_file(ckpt_path), cfg.checkpoint_uri, expect_arch=cfg.model, sha256=cfg.checkpoint_sha256
         )
         self.predictor = Predictor(
-            model, self.meta, device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision
+            model,
+            self.meta,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            channels_last=cfg.channels_last,
         )
         self.model_lock = threading.Lock()  # shards may share this processor; the model runs one batch at a time
         self.palette = self.meta.palette_array()

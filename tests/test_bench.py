@@ -35,6 +35,8 @@ def test_quick_bench_reports_every_path_and_ratio(tmp_path):
         "fp32",
     )
     assert report["machine"]["cpus"] >= 1 and report["versions"]["torch"]
+    timings = report["paths"]["segpipe"]["timings"]  # from the run's manifest
+    assert timings["infer_seconds"] > 0 and timings["plan_seconds"] > 0
     # The Ray paths' memory includes their worker processes: more than the driver alone holds.
     assert report["paths"]["segpipe"]["peak_rss_mb"] > report["paths"]["ceiling"]["peak_rss_mb"]
 
@@ -57,3 +59,15 @@ def test_tree_rss_counts_children(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.s3
+def test_overheads_count_every_object_and_part(tmp_path):
+    from pipeline.bench.overheads import measure
+
+    report = measure(tmp_path, sizes=(40, 80), rows_per_part=2)
+    assert [p["n"] for p in report["planning"]["objects"]] == [40, 80]
+    assert [p["shards"] for p in report["planning"]["objects"]] == [1, 1]  # 256 images a shard
+    assert [p["images"] for p in report["reduce"]["stats_parts"]] == [80, 160]
+    for kind in ("planning", "reduce"):
+        assert report[kind]["seconds_per_10k"] > 0 and report[kind]["max_relative_departure"] >= 0

@@ -1,7 +1,7 @@
 """The four paths of ``segpipe bench``. ``python -m pipeline.bench.paths <path> '<workload json>'`` runs one
-and prints ``{"images": n, "seconds": s}``: wall time of the work itself, after imports; Ray, where a path
-uses it, is started before the clock (both Ray paths alike), model loading is inside it except for
-``ceiling``, which measures the forward pass alone."""
+and prints ``{"images": n, "seconds": s}`` (segpipe adds its manifest's ``timings``): wall time of the work
+itself, after imports; Ray, where a path uses it, is started before the clock (both Ray paths alike), model
+loading is inside it except for ``ceiling``, which measures the forward pass alone."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _load(w: Workload):
     return load_checkpoint(Path(w.checkpoint).read_bytes(), w.checkpoint)
 
 
-def ceiling(w: Workload) -> int:
+def ceiling(w: Workload) -> tuple[int, float]:
     """Forward passes over pre-decoded, normalised inputs already on the device; argmax included."""
     import torch
 
@@ -117,7 +117,7 @@ class _RayDataPredictor:
         }
 
 
-def segpipe(w: Workload) -> tuple[int, float]:
+def segpipe(w: Workload) -> tuple[int, float, dict]:
     """The real job: plan, actors, masks, stats parts, reduce, manifest (without Prefect's orchestration)."""
     import ray
 
@@ -144,7 +144,8 @@ def segpipe(w: Workload) -> tuple[int, float]:
     infer_start = time.perf_counter()
     summaries = run_shards(plan.cfg, plan.run_id, plan.pending)
     result = finalize_job(plan, summaries, time.perf_counter() - infer_start)
-    return result["manifest"]["counts"]["images"], time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return result["manifest"]["counts"]["images"], seconds, result["manifest"]["timings"]
 
 
 def pq_rows(path: Path) -> int:
@@ -169,6 +170,6 @@ def _sync(device) -> None:
 PATHS = {"ceiling": ceiling, "naive": naive, "raydata": raydata, "segpipe": segpipe}
 
 if __name__ == "__main__":
-    images, seconds = PATHS[sys.argv[1]](Workload.from_json(sys.argv[2]))
-    print(json.dumps({"images": images, "seconds": seconds}))
+    images, seconds, *detail = PATHS[sys.argv[1]](Workload.from_json(sys.argv[2]))
+    print(json.dumps({"images": images, "seconds": seconds, **({"timings": detail[0]} if detail else {})}))
     sys.stdout.flush()

@@ -37,6 +37,7 @@ def run_path(name: str, workload: Workload) -> dict:
         "seconds": round(result["seconds"], 3),
         "images_per_s": round(result["images"] / result["seconds"], 3),
         "peak_rss_mb": round(peak.bytes / 2**20, 1),
+        **({"timings": result["timings"]} if "timings" in result else {}),
     }
 
 
