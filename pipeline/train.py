@@ -142,7 +142,9 @@ def train(cfg: TrainConfig) -> dict:
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = evaluate(Predictor(model, meta, device=str(device), batch_size=8), val_pairs)
+        # The Predictor moves the module to its memory format in place: keep the layout training runs in.
+        predictor = Predictor(model, meta, device=str(device), batch_size=8, channels_last=False)
+        metrics = evaluate(predictor, val_pairs)
         history.append({"epoch": epoch + 1, "loss": float(loss.item()), "val_mean_iou": metrics["mean_iou"]})
         per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(cfg.class_names, metrics["per_class"]["iou"], strict=True))
         log.info(
