@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
@@ -89,22 +90,27 @@ def read_confusion(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes:
     """Sum the per-image sparse confusion cells of the given parts; also count images, errors, labeled."""
     mat = np.zeros((num_classes, num_classes), dtype=np.int64)
     counts = {"images": 0, "errors": 0, "labeled": 0}
-    with ThreadPoolExecutor(_REDUCE_FETCH) as pool:
-        # Parts are fetched many at once (on S3 one GET after another would dominate), a bounded group at a time.
-        for group in range(0, len(paths), _REDUCE_FETCH):
-            for blob in pool.map(fs.cat_file, paths[group : group + _REDUCE_FETCH]):
-                table = pq.read_table(pa.BufferReader(blob), columns=["confusion", "labeled", "error"])
-                counts["images"] += table.num_rows
-                counts["errors"] += table.num_rows - table["error"].null_count
-                counts["labeled"] += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
-                cells = table["confusion"].combine_chunks().flatten()
-                if len(cells):
-                    np.add.at(
-                        mat,
-                        (cells.field("gt").to_numpy(), cells.field("pred").to_numpy()),
-                        cells.field("count").to_numpy(),
-                    )
+    for blob in _fetch_all(fs, paths):
+        table = pq.read_table(pa.BufferReader(blob), columns=["confusion", "labeled", "error"])
+        counts["images"] += table.num_rows
+        counts["errors"] += table.num_rows - table["error"].null_count
+        counts["labeled"] += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
+        cells = table["confusion"].combine_chunks().flatten()
+        if len(cells):
+            np.add.at(
+                mat,
+                (cells.field("gt").to_numpy(), cells.field("pred").to_numpy()),
+                cells.field("count").to_numpy(),
+            )
     return mat, counts
+
+
+def _fetch_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[bytes]:
+    """The files' bytes in order, fetched many at once (on S3 one GET after another would dominate the
+    reduce), one bounded group at a time."""
+    with ThreadPoolExecutor(_REDUCE_FETCH) as pool:
+        for group in range(0, len(paths), _REDUCE_FETCH):
+            yield from pool.map(fs.cat_file, paths[group : group + _REDUCE_FETCH])
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict) -> None:

@@ -73,13 +73,7 @@ class Predictor:
     @torch.inference_mode()
     def _forward_same_size(self, images: list[np.ndarray]) -> list[Prediction]:
         h, w = images[0].shape[:2]
-        batch = torch.from_numpy(np.stack(images))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        # NHWC uint8 viewed as NCHW is already channels_last; normalise in place rather than in new tensors.
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = x.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
-        x = self._fit_input(x)
+        x = self._fit_input(self.to_input(images))
         with self.autocast():
             logits = self.model(x)
         if isinstance(logits, dict):  # torchvision segmentation models return {"out": ...}
@@ -91,6 +85,15 @@ class Predictor:
         masks = labels.to(torch.uint8).cpu().numpy()
         confs = conf.cpu().numpy()
         return [Prediction(m, float(c)) for m, c in zip(masks, confs, strict=True)]
+
+    def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Same-size HxWx3 uint8 images as one normalised float batch on the device, in the model's layout."""
+        batch = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        # NHWC uint8 viewed as NCHW is already channels_last; normalise in place rather than in new tensors.
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return x.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
 
     def autocast(self):
         """Reduced-precision autocast on CUDA when asked for; nothing otherwise."""

@@ -32,10 +32,7 @@ def ceiling(w: Workload) -> tuple[int, float]:
     model, meta = _load(w)
     pred = Predictor(model, meta, device=w.device, batch_size=w.batch_size, precision=w.precision)
     files = sorted(Path(w.images).glob("*.jpg"))
-    x = torch.from_numpy(np.stack([decode_rgb(f.read_bytes()) for f in files[: w.batch_size]]))
-    x = ((x.to(pred.device).permute(0, 3, 1, 2).float() - pred.mean) / pred.std).contiguous(
-        memory_format=pred.memory_format
-    )
+    x = pred.to_input([decode_rgb(f.read_bytes()) for f in files[: w.batch_size]])
     batches = -(-w.count // w.batch_size)
     with torch.inference_mode(), pred.autocast():
         pred.model(x).argmax(1)  # warm-up
@@ -89,7 +86,7 @@ def raydata(w: Workload) -> tuple[int, float]:
         num_cpus=max(_cpus() - 1, 1) / w.actors,
     )
     ds.write_parquet(out)
-    images = sum(pq_rows(f) for f in Path(out).glob("*.parquet"))
+    images = sum(_parquet_rows(f) for f in Path(out).glob("*.parquet"))
     return images, time.perf_counter() - start
 
 
@@ -106,14 +103,13 @@ class _RayDataPredictor:
 
     def __call__(self, batch: dict) -> dict:
         from pipeline.palette import mask_to_png
+        from pipeline.stats import class_pixels
 
         preds = self.predictor.predict(list(batch["image"]))
         return {
             "path": batch["path"],
             "mask_png": np.array([mask_to_png(p.mask) for p in preds], dtype=object),
-            "class_pixels": np.array(
-                [np.bincount(p.mask.ravel(), minlength=self.num_classes) for p in preds], dtype=np.int64
-            ),
+            "class_pixels": np.stack([class_pixels(p.mask, self.num_classes) for p in preds]),
         }
 
 
@@ -148,7 +144,7 @@ def segpipe(w: Workload) -> tuple[int, float, dict]:
     return result["manifest"]["counts"]["images"], seconds, result["manifest"]["timings"]
 
 
-def pq_rows(path: Path) -> int:
+def _parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
