@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.cpu_tuning import keep_freed_memory, route_convs_to_onednn
 from pipeline.models.checkpoint import ModelMeta
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +55,9 @@ class Predictor:
         self.autocast_dtype = _DTYPES.get(precision) if self.device.type == "cuda" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+            route_convs_to_onednn(self.model)
         self.mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
 

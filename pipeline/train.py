@@ -142,7 +142,8 @@ def train(cfg: TrainConfig) -> dict:
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        # The Predictor moves the module to its memory format in place: keep the layout training runs in.
+        # The Predictor changes the module in place: its memory format (keep the one training runs in) and, on
+        # CPU, the inference path of its convolutions, which training with gradients does not take.
         predictor = Predictor(model, meta, device=str(device), batch_size=8, channels_last=False)
         metrics = evaluate(predictor, val_pairs)
         history.append({"epoch": epoch + 1, "loss": float(loss.item()), "val_mean_iou": metrics["mean_iou"]})
