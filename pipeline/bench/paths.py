@@ -6,6 +6,7 @@ loading is inside it except for ``ceiling``, which measures the forward pass alo
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import tempfile
 import time
@@ -23,25 +24,57 @@ def _load(w: Workload):
 
 
 def ceiling(w: Workload) -> tuple[int, float]:
-    """Forward passes over pre-decoded, normalised inputs already on the device; argmax included."""
+    """Forward passes and argmax over pre-decoded, normalised inputs already on the device, in segpipe's own
+    process layout: ``actors`` processes at once, each with the torch threads a segpipe actor gets. One
+    process with every thread is not the ceiling: on one thread per process PyTorch's convolutions take
+    other paths, and two single-threaded processes can outrun it."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fork would copy this process's threads and torch state
+    shares = [len(range(i, -(-w.count // w.batch_size), w.actors)) for i in range(w.actors)]
+    start, spans = ctx.Barrier(w.actors), ctx.Queue()
+    procs = [ctx.Process(target=_forward_only, args=(w, n, start, spans)) for n in shares]
+    for p in procs:
+        p.start()
+    got: list[tuple[float, float]] = []
+    while len(got) < len(procs):
+        try:
+            got.append(spans.get(timeout=1))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                start.abort()  # the others wait at the barrier for it
+                raise RuntimeError("a ceiling process failed; its traceback is above") from None
+    for p in procs:
+        p.join()
+    return sum(shares) * w.batch_size, max(end for _, end in got) - min(begin for begin, _ in got)
+
+
+def _forward_only(w: Workload, batches: int, start, spans) -> None:
+    """One ceiling process: ``batches`` forward passes over a few distinct inputs, timed on the system-wide
+    monotonic clock so that the processes' spans can be compared."""
     import torch
 
     from pipeline.images import decode_rgb
     from pipeline.predictor import Predictor
 
+    torch.set_num_threads(max(1, _cpus() // w.actors))
     model, meta = _load(w)
     pred = Predictor(model, meta, device=w.device, batch_size=w.batch_size, precision=w.precision)
-    files = sorted(Path(w.images).glob("*.jpg"))
-    x = pred.to_input([decode_rgb(f.read_bytes()) for f in files[: w.batch_size]])
-    batches = -(-w.count // w.batch_size)
+    files = sorted(Path(w.images).glob("*.jpg"))[: 4 * w.batch_size]
+    inputs = [
+        pred.to_input([decode_rgb(f.read_bytes()) for f in files[i : i + w.batch_size]])
+        for i in range(0, len(files), w.batch_size)
+    ]
     with torch.inference_mode(), pred.autocast():
-        pred.model(x).argmax(1)  # warm-up
-        _sync(pred.device)
-        start = time.perf_counter()
-        for _ in range(batches):
+        for x in inputs:  # warm-up
             pred.model(x).argmax(1)
         _sync(pred.device)
-    return batches * w.batch_size, time.perf_counter() - start
+        start.wait()
+        begin = time.monotonic()
+        for i in range(batches):
+            pred.model(inputs[i % len(inputs)]).argmax(1)
+        _sync(pred.device)
+    spans.put((begin, time.monotonic()))
 
 
 def naive(w: Workload) -> tuple[int, float]:
