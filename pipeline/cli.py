@@ -61,6 +61,13 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -83,7 +90,7 @@ def _bench(args: argparse.Namespace) -> int:
         settings = dict(batch_size=batch, actors=args.actors, device=args.device, precision=args.precision)
         workload = build(work, args.model, size, count, **settings)
         paths = tuple(p.strip() for p in args.paths.split(","))
-        report = run_bench(workload, paths, on_path=lambda name, r: log.info("%s: %s", name, r))
+        report = run_bench(workload, paths, lambda name, r: log.info("%s: %s", name, r), args.repeat)
         print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -166,11 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--size", type=int, default=512, help="square image size")
     bn.add_argument("--count", type=int, default=256, help="images")
     bn.add_argument("--batch-size", type=int, help="default 1 on CPU, 16 on CUDA")
-    bn.add_argument("--actors", type=int, default=2, help="actors of the raydata and segpipe paths")
+    bn.add_argument("--actors", type=int, default=2, help="actors of raydata and segpipe, processes of ceiling")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     bn.add_argument("--paths", default="ceiling,naive,raydata,segpipe", help="comma-separated subset, in order")
     bn.add_argument("--quick", action="store_true", help="32 images of 256x256, batch 4: a smoke run")
+    bn.add_argument(
+        "--repeat", type=_positive, default=1, help="rounds of all paths in turn; each path reports its fastest"
+    )
     bn.add_argument(
         "--overheads", action="store_true", help="instead: planning and reduce time vs dataset size on a local S3"
     )

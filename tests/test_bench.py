@@ -41,6 +41,18 @@ def test_quick_bench_reports_every_path_and_ratio(tmp_path):
     assert report["paths"]["segpipe"]["peak_rss_mb"] > report["paths"]["ceiling"]["peak_rss_mb"]
 
 
+def test_ceiling_splits_work_across_processes_and_repeat_keeps_every_round(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--model", "unet_tiny", "--actors", "2", "--device", "cpu", "--work", str(tmp_path)]
+    assert main([*argv, "--paths", "ceiling", "--repeat", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ceiling = report["paths"]["ceiling"]
+    assert report["rounds"] == 2 and len(ceiling["runs"]) == 2
+    assert ceiling["images_per_s"] == max(ceiling["runs"])  # the fastest round is the one reported
+    assert ceiling["images"] == 32  # both processes' shares: 8 batches of 4, split 4 and 4
+    assert report["ratios"] == {}  # no segpipe path, no ratio
+
+
 def test_tree_rss_counts_children(tmp_path):
     import os
     import subprocess
