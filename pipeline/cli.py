@@ -85,8 +85,13 @@ def _bench(args: argparse.Namespace) -> int:
 
         quick = dict(size=256, count=32, batch_size=4) if args.quick else {}
         size, count, batch = (quick.get(k) or getattr(args, k) for k in ("size", "count", "batch_size"))
+        on_cpu = resolve_device(args.device).type == "cpu"
         # On CPU one image per forward is fastest (larger batches spill the caches); GPUs want full batches.
-        batch = batch or (1 if resolve_device(args.device).type == "cpu" else 16)
+        batch = batch or (1 if on_cpu else 16)
+        if args.actors is None:  # one actor per GPU, or two on CPU (one thread each on this project's 2 cores)
+            import torch
+
+            args.actors = 2 if on_cpu else torch.cuda.device_count()
         settings = dict(batch_size=batch, actors=args.actors, device=args.device, precision=args.precision)
         workload = build(work, args.model, size, count, **settings)
         paths = tuple(p.strip() for p in args.paths.split(","))
@@ -173,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--size", type=int, default=512, help="square image size")
     bn.add_argument("--count", type=int, default=256, help="images")
     bn.add_argument("--batch-size", type=int, help="default 1 on CPU, 16 on CUDA")
-    bn.add_argument("--actors", type=int, default=2, help="actors of raydata and segpipe, processes of ceiling")
+    bn.add_argument(
+        "--actors", type=_positive, help="actors of raydata and segpipe, processes of ceiling (2 on CPU, 1 per GPU)"
+    )
     bn.add_argument("--device", default="auto")
     bn.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     bn.add_argument("--paths", default="ceiling,naive,raydata,segpipe", help="comma-separated subset, in order")

@@ -108,13 +108,24 @@ class ActorPlan:
         return max(1, int(self.cpus))
 
 
+def gpu_share(actors: int, gpus: float) -> float:
+    """What each of ``actors`` actors reserves of ``gpus`` GPUs: a whole one if there are enough, else an
+    even share that packs (3 actors on 2 GPUs: 0.5 each, since 0.75 would fit only one per GPU)."""
+    if gpus < 1:
+        return 0.0
+    return 1.0 / math.ceil(actors / int(gpus))
+
+
 def plan_actors(cfg: JobConfig, resources: dict[str, float], pending: int) -> ActorPlan:
     """Actors and their resources from the config and the cluster's total ``resources`` (``ray.cluster_resources()``).
 
     ``actors: auto`` is one actor per ``gpus_per_actor`` GPUs of the cluster when GPUs are used, else one per
     ``cpus_per_actor`` CPUs (1 when unset); never more actors than ``pending`` shards, never fewer than one.
-    Left out, ``gpus_per_actor`` is 1 when the device may be a GPU and the cluster has one for each actor, else
-    0; ``cpus_per_actor`` is the cluster's CPUs shared evenly (at least 1).
+    Left out, ``gpus_per_actor`` is 0 when the device is ``cpu`` or the cluster has no GPU; otherwise 1 when
+    the cluster has one for each actor, else an even share (two actors on one GPU: 0.5 each). Never 0 beside a
+    GPU the device may use: Ray hides every GPU from an actor that reserves none (CUDA_VISIBLE_DEVICES=""),
+    and ``device: auto`` would then quietly run on the CPU. ``cpus_per_actor`` is the cluster's CPUs shared
+    evenly (at least 1).
     """
     cluster_cpus, cluster_gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     may_use_gpu = cfg.device != "cpu"
@@ -130,7 +141,7 @@ def plan_actors(cfg: JobConfig, resources: dict[str, float], pending: int) -> Ac
     if cfg.actors != "auto":
         gpus = cfg.gpus_per_actor
         if gpus is None:
-            gpus = 1.0 if may_use_gpu and cluster_gpus >= n else 0.0
+            gpus = gpu_share(n, cluster_gpus) if may_use_gpu else 0.0
     cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else float(max(1, int(cluster_cpus) // n))
     return ActorPlan(actors=n, cpus=cpus, gpus=gpus)
 

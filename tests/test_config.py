@@ -171,7 +171,10 @@ def test_gpus_per_actor_needs_a_gpu_device(tmp_path):
     [
         ({}, {"CPU": 16}, 100, (1, 16, 0)),  # today's rule: one actor, every CPU
         ({"actors": 4}, {"CPU": 16, "GPU": 4}, 100, (4, 4, 1)),  # a GPU for each actor
-        ({"actors": 4}, {"CPU": 16, "GPU": 2}, 100, (4, 4, 0)),  # not enough GPUs for each: none
+        ({"actors": 4}, {"CPU": 16, "GPU": 2}, 100, (4, 4, 0.5)),  # not enough GPUs for each: shared
+        ({"actors": 2}, {"CPU": 16, "GPU": 1}, 100, (2, 8, 0.5)),
+        ({"actors": 3}, {"CPU": 16, "GPU": 2}, 100, (3, 5, 0.5)),  # shares that pack: 2 per GPU, not 1.5
+        ({"actors": 2, "device": "cpu"}, {"CPU": 16, "GPU": 1}, 100, (2, 8, 0)),
         ({"actors": 4, "device": "cpu"}, {"CPU": 16, "GPU": 4}, 100, (4, 4, 0)),
         ({"actors": 4}, {"CPU": 16}, 3, (3, 5, 0)),  # no more actors than shards
         ({"actors": "auto"}, {"CPU": 16, "GPU": 4}, 100, (4, 4, 1)),  # one per GPU

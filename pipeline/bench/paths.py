@@ -33,7 +33,7 @@ def ceiling(w: Workload) -> tuple[int, float]:
     ctx = mp.get_context("spawn")  # a fork would copy this process's threads and torch state
     shares = [len(range(i, -(-w.count // w.batch_size), w.actors)) for i in range(w.actors)]
     start, spans = ctx.Barrier(w.actors), ctx.Queue()
-    procs = [ctx.Process(target=_forward_only, args=(w, n, start, spans)) for n in shares]
+    procs = [ctx.Process(target=_forward_only, args=(w, i, n, start, spans)) for i, n in enumerate(shares)]
     for p in procs:
         p.start()
     got: list[tuple[float, float]] = []
@@ -49,15 +49,18 @@ def ceiling(w: Workload) -> tuple[int, float]:
     return sum(shares) * w.batch_size, max(end for _, end in got) - min(begin for begin, _ in got)
 
 
-def _forward_only(w: Workload, batches: int, start, spans) -> None:
-    """One ceiling process: ``batches`` forward passes over a few distinct inputs, timed on the system-wide
-    monotonic clock so that the processes' spans can be compared."""
+def _forward_only(w: Workload, index: int, batches: int, start, spans) -> None:
+    """Ceiling process ``index``: ``batches`` forward passes over a few distinct inputs, timed on the
+    system-wide monotonic clock so that the processes' spans can be compared. On a machine with several
+    GPUs the processes spread over them, as Ray spreads the actors."""
     import torch
 
     from pipeline.images import decode_rgb
     from pipeline.predictor import Predictor
 
     torch.set_num_threads(max(1, _cpus() // w.actors))
+    if w.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(index % torch.cuda.device_count())
     model, meta = _load(w)
     pred = Predictor(model, meta, device=w.device, batch_size=w.batch_size, precision=w.precision)
     files = sorted(Path(w.images).glob("*.jpg"))[: 4 * w.batch_size]
@@ -117,6 +120,8 @@ def raydata(w: Workload) -> tuple[int, float]:
         concurrency=w.actors,
         # Ray Data's read tasks need a CPU of their own; actors holding every CPU would starve them forever.
         num_cpus=max(_cpus() - 1, 1) / w.actors,
+        # Ray hides the GPUs from an actor that reserves none; shared as segpipe's own actors share them.
+        num_gpus=_gpu_share(w),
     )
     ds.write_parquet(out)
     images = sum(_parquet_rows(f) for f in Path(out).glob("*.parquet"))
@@ -181,6 +186,14 @@ def _parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
+
+
+def _gpu_share(w: Workload) -> float:
+    import torch
+
+    from pipeline.execution import gpu_share
+
+    return gpu_share(w.actors, torch.cuda.device_count()) if w.device != "cpu" else 0.0
 
 
 def _cpus() -> int:
