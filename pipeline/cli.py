@@ -88,11 +88,12 @@ def _bench(args: argparse.Namespace) -> int:
         on_cpu = resolve_device(args.device).type == "cpu"
         # On CPU one image per forward is fastest (larger batches spill the caches); GPUs want full batches.
         batch = batch or (1 if on_cpu else 16)
-        if args.actors is None:  # one actor per GPU, or two on CPU (one thread each on this project's 2 cores)
+        actors = args.actors
+        if actors is None:  # one actor per GPU, or two on CPU (one thread each on this project's 2 cores)
             import torch
 
-            args.actors = 2 if on_cpu else torch.cuda.device_count()
-        settings = dict(batch_size=batch, actors=args.actors, device=args.device, precision=args.precision)
+            actors = 2 if on_cpu else torch.cuda.device_count()
+        settings = dict(batch_size=batch, actors=actors, device=args.device, precision=args.precision)
         workload = build(work, args.model, size, count, **settings)
         paths = tuple(p.strip() for p in args.paths.split(","))
         report = run_bench(workload, paths, lambda name, r: log.info("%s: %s", name, r), args.repeat)

@@ -88,7 +88,7 @@ def test_predictor_routes_cpu_models_and_masks_do_not_change(one_thread):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_stops_page_faults_on_reused_buffers():
-    # In a child process: the setting is process-wide and must not leak into the other tests.
+    # In a child process: the setting is process-wide, and any Predictor an earlier test built here has made it.
     script = textwrap.dedent(
         """
         import resource, torch
