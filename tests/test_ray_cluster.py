@@ -182,8 +182,8 @@ def shard_nodes(log: str) -> dict[str, list[str]]:
     """shard id -> the node ids it ran on, from the driver's per-shard log lines."""
     ran: dict[str, list[str]] = {}
     for line in log.splitlines():
-        if "pipeline.execution: shard " in line and " ran on node " in line:
-            words = line.split("pipeline.execution: shard ", 1)[1].split()
+        if "pipeline.execution.ray_pool: shard " in line and " ran on node " in line:
+            words = line.split("pipeline.execution.ray_pool: shard ", 1)[1].split()
             ran.setdefault(words[0], []).append(words[4])
     return ran
 
@@ -247,7 +247,7 @@ def test_actor_killed_mid_shard_is_replaced_and_its_shards_redone(
     redone = [line for line in log.splitlines() if " redone (retry " in line]
     assert redone, log[-4000:]
     for line in redone:
-        shard_id = line.split("pipeline.execution: shard ", 1)[1].split()[0]
+        shard_id = line.split("pipeline.execution.ray_pool: shard ", 1)[1].split()[0]
         assert shard_id in shard_nodes(log)  # redone shards ran to the end
     assert all(len(nodes) == 1 for nodes in shard_nodes(log).values())  # and each was committed once
     got = rows(out)
@@ -262,9 +262,9 @@ import json
 import ray
 import psutil  # Ray's own copy, importable once ray is
 from pipeline.config import JobConfig
-from pipeline.execution import _connect
+from pipeline.execution.cluster import connect
 
-assert _connect(JobConfig(input_uri="in", output_uri="out", checkpoint_uri="ckpt"))
+assert connect(JobConfig(input_uri="in", output_uri="out", checkpoint_uri="ckpt"))
 listening = set()
 for p in psutil.Process().children(recursive=True):
     try:
@@ -310,8 +310,8 @@ def test_an_actor_dead_for_good_is_replaced_and_the_retries_bounded(tmp_path):
         [sys.executable, "-c", DEAD_ACTOR_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("pipeline.execution: ")]
-    assert any(line.startswith("pipeline.execution: actor 0 is dead for good") for line in lines), done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("pipeline.execution.ray_pool: ")]
+    assert any(line.startswith("pipeline.execution.ray_pool: actor 0 is dead for good") for line in lines), done.stdout
     assert [line.split(": ")[1].split(" (")[0] for line in lines if " redone " in line] == ["shard 00000-a redone"]
-    assert "pipeline.execution: shard 00000-a failed 2 times; giving up" in lines
+    assert "pipeline.execution.ray_pool: shard 00000-a failed 2 times; giving up" in lines
     assert done.stdout.strip().endswith("raised ActorDiedError; ray initialized: False")
