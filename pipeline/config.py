@@ -40,6 +40,46 @@ def _known_model(name: str) -> str:
     return name
 
 
+def _known_layout(name: str) -> str:
+    from pipeline.sources import get_layout
+
+    if name != "auto":
+        try:
+            get_layout(name)
+        except ValueError as e:
+            raise ValueError(f"{e}; or auto, to detect it") from None
+    return name
+
+
+def _known_label_format(name: str) -> str:
+    from pipeline.labels import get_label_format
+
+    get_label_format(name)  # its ValueError lists the registered formats
+    return name
+
+
+# What setting a LabelsConfig option is called when the format does not use it; {users}: the formats that do.
+_UNUSED_LABEL_OPTION = {
+    "classes": "only used by the {users} format, not {format}",
+    "mapping": "not used by the {format} format (its own table applies)",
+    "reduce_zero_label": "only for the {users} format",
+}
+
+
+def _label_options_fit(cfg: LabelsConfig) -> None:
+    """Raise ValueError naming the option when ``cfg`` lacks one its format requires or sets one it does not use."""
+    from pipeline.labels import get_label_format, list_label_formats
+
+    fmt = get_label_format(cfg.format)
+    for option, what in fmt.required_options.items():
+        if not getattr(cfg, option):
+            raise ValueError(f"{option}: the {cfg.format} format needs {what}")
+    for option, message in _UNUSED_LABEL_OPTION.items():
+        if option not in fmt.options and getattr(cfg, option) != type(cfg).model_fields[option].default:
+            users = " or ".join(name for name in list_label_formats() if option in get_label_format(name).options)
+            raise ValueError(f"{option}: " + message.format(format=cfg.format, users=users))
+
+
 def _device(v: str) -> str:
     if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
@@ -48,6 +88,8 @@ def _device(v: str) -> str:
 
 Uri = Annotated[str, AfterValidator(_clean_uri)]
 ModelName = Annotated[str, AfterValidator(_known_model)]
+LayoutName = Annotated[str, AfterValidator(_known_layout)]
+LabelFormatName = Annotated[str, AfterValidator(_known_label_format)]
 Device = Annotated[str, AfterValidator(_device)]
 
 
@@ -95,8 +137,10 @@ class InputConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layout: Literal["auto", "files", "webdataset", "parquet"] = Field(
-        "auto", description="files: loose images; webdataset: tar shards; parquet: an image-bytes column"
+    layout: LayoutName = Field(
+        "auto",
+        description="a registered layout (files: loose images; webdataset: tar shards; parquet: an image-bytes "
+        "column), or auto: detected from the URI or its listing",
     )
     image_column: str = Field("image", description="parquet: column of encoded image bytes (or {bytes, path})")
     label_column: str | None = Field(None, description="parquet: column of encoded label bytes")
@@ -109,8 +153,10 @@ class LabelsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["index_png", "cityscapes", "coco", "labelme", "binary"] = Field(
-        "index_png", description="index_png (VOC), cityscapes (labelIds), coco (instances JSON), labelme, binary"
+    format: LabelFormatName = Field(
+        "index_png",
+        description="a registered label format: index_png (VOC), cityscapes (labelIds), coco (instances JSON), "
+        "labelme, binary",
     )
     mapping: dict[int, int] | None = Field(
         None, description="raw value (COCO: category id) -> class index; unmapped values are an error"
@@ -131,14 +177,7 @@ class LabelsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits_format(self) -> LabelsConfig:
-        if self.format == "labelme" and not self.classes:
-            raise ValueError("classes: the labelme format needs the class names (labelme2voc's labels.txt)")
-        if self.classes is not None and self.format != "labelme":
-            raise ValueError(f"classes: only used by the labelme format, not {self.format}")
-        if self.mapping is not None and self.format in ("cityscapes", "labelme"):
-            raise ValueError(f"mapping: not used by the {self.format} format (its own table applies)")
-        if self.reduce_zero_label and self.format != "index_png":
-            raise ValueError("reduce_zero_label: only for the index_png format")
+        _label_options_fit(self)
         return self
 
 

@@ -1,4 +1,7 @@
-"""Ground-truth labels: every supported format becomes an HxW uint8 index mask, class per pixel, 255 = ignore."""
+"""Ground-truth labels: every supported format becomes an HxW uint8 index mask, class per pixel, 255 = ignore.
+
+Each format is a LabelFormat class registered by name (see ``registry``); importing this package registers them.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +9,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.labels import cityscapes as _cityscapes  # noqa: F401  (each module registers its formats)
+from pipeline.labels import coco as _coco  # noqa: F401
+from pipeline.labels import index_png as _index_png  # noqa: F401
+from pipeline.labels import labelme as _labelme  # noqa: F401
 from pipeline.labels.base import LabelError, LabelFormat, check_size
-from pipeline.labels.cityscapes import CITYSCAPES_CLASSES, CityscapesFormat, cityscapes_label_path
-from pipeline.labels.coco import CocoFormat, CocoImage, CocoIndex
-from pipeline.labels.index_png import (
-    BinaryFormat,
-    IndexPngFormat,
-    apply_mapping,
-    decode_label,
-    label_path_for,
-    read_label,
-    reduce_zero_label,
-)
-from pipeline.labels.labelme import LabelmeFormat
+from pipeline.labels.cityscapes import CITYSCAPES_CLASSES, cityscapes_label_path
+from pipeline.labels.coco import CocoImage
+from pipeline.labels.index_png import apply_mapping, decode_label, label_path_for, read_label, reduce_zero_label
+from pipeline.labels.registry import get_label_format, list_label_formats, register_label_format
 from pipeline.palette import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -33,10 +31,13 @@ __all__ = [
     "apply_mapping",
     "cityscapes_label_path",
     "decode_label",
+    "get_label_format",
     "label_format",
     "label_path_for",
+    "list_label_formats",
     "read_label",
     "reduce_zero_label",
+    "register_label_format",
     "validate_label",
 ]
 
@@ -52,19 +53,9 @@ def validate_label(label: np.ndarray, height: int, width: int, num_classes: int)
         )
 
 
-def label_format(cfg: LabelsConfig, dataset_json: bytes | None = None) -> LabelFormat:
-    """The LabelFormat for ``cfg`` (whose fields LabelsConfig has checked against the format).
+def label_format(cfg: LabelsConfig, dataset_file: bytes | None = None) -> LabelFormat:
+    """The LabelFormat for ``cfg`` (whose options LabelsConfig has checked against the format).
 
-    ``dataset_json`` is the COCO instances JSON, required for format coco.
+    ``dataset_file`` is the bytes of labels_uri for a format with one file for the whole dataset (COCO's JSON).
     """
-    if cfg.format == "index_png":
-        return IndexPngFormat(cfg.mapping, cfg.reduce_zero_label)
-    if cfg.format == "binary":
-        return BinaryFormat(cfg.mapping)
-    if cfg.format == "cityscapes":
-        return CityscapesFormat()
-    if cfg.format == "labelme":
-        return LabelmeFormat(cfg.classes)  # LabelsConfig requires classes for labelme
-    if dataset_json is None:
-        raise ConfigError("labels.format coco needs the COCO instances JSON")
-    return CocoFormat(CocoIndex.from_json(dataset_json), cfg.mapping)
+    return get_label_format(cfg.format).from_config(cfg, dataset_file)

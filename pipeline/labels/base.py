@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.config import LabelsConfig
 
 
 class LabelError(ValueError):
@@ -21,8 +24,19 @@ def check_size(label_height: int, label_width: int, height: int, width: int) -> 
 class LabelFormat(ABC):
     """One ground-truth encoding: where an image's label is and how it becomes an index mask (255 = ignore)."""
 
-    per_image: bool = True
-    """True: one label file per image, found with path_for; False: one dataset file, searched with lookup."""
+    per_image: ClassVar[bool] = True
+    """True: labels_uri is a folder, one label file per image, found with path_for; False: labels_uri is one
+    dataset file (COCO's JSON) for every image, searched with lookup."""
+    options: ClassVar[frozenset[str]] = frozenset()
+    """The LabelsConfig options it uses (mapping, reduce_zero_label, classes); setting any other is an error."""
+    required_options: ClassVar[dict[str, str]] = {}
+    """Options it cannot do without -> what they hold, for the error: {"classes": "the class names"}."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: LabelsConfig, dataset_file: bytes | None) -> LabelFormat:
+        """The format as ``cfg`` sets it up (LabelsConfig has checked the options); ``dataset_file`` is the bytes
+        of labels_uri for a format that is not ``per_image``, else None."""
 
     @abstractmethod
     def path_for(self, image_rel: str) -> str | None:

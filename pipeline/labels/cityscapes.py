@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import posixpath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.labels.base import LabelError, LabelFormat, check_size
 from pipeline.labels.index_png import decode_label
+from pipeline.labels.registry import register_label_format
+
+if TYPE_CHECKING:
+    from pipeline.config import LabelsConfig
 
 # (name, labelId, trainId) from cityscapesScripts' helpers/labels.py; trainId 255 and -1 are not trained on.
 CITYSCAPES_LABELS: tuple[tuple[str, int, int], ...] = (
@@ -82,8 +87,13 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     return _TRAIN_IDS[label_ids]
 
 
+@register_label_format("cityscapes")
 class CityscapesFormat(LabelFormat):
     """``*_gtFine_labelIds.png`` next to the image's relative path, read as trainIds."""
+
+    @classmethod
+    def from_config(cls, cfg: LabelsConfig, dataset_file: bytes | None) -> CityscapesFormat:
+        return cls()
 
     def path_for(self, image_rel: str) -> str:
         return cityscapes_label_path(image_rel)

@@ -12,14 +12,18 @@ import json
 import posixpath
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipeline.errors import ConfigError
 from pipeline.labels.base import LabelError, LabelFormat, check_size
+from pipeline.labels.registry import register_label_format
 from pipeline.palette import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from pipeline.config import LabelsConfig
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,12 @@ def instances_to_mask(image: CocoImage, mapping: dict[int, int]) -> np.ndarray:
     return out
 
 
+@register_label_format("coco")
 class CocoFormat(LabelFormat):
     """A COCO instances JSON; ``mapping`` maps category id -> class index (default: sorted ids -> 1..K)."""
 
     per_image = False
+    options = frozenset({"mapping"})
 
     def __init__(self, index: CocoIndex, mapping: dict[int, int] | None = None):
         self.index = index
@@ -131,6 +137,12 @@ class CocoFormat(LabelFormat):
         unknown = sorted(set(self.mapping) - set(index.categories))
         if unknown:
             raise ConfigError(f"labels.mapping names category ids {unknown[:10]} absent from the COCO categories")
+
+    @classmethod
+    def from_config(cls, cfg: LabelsConfig, dataset_file: bytes | None) -> CocoFormat:
+        if dataset_file is None:
+            raise ConfigError("labels.format coco needs the COCO instances JSON")
+        return cls(CocoIndex.from_json(dataset_file), cfg.mapping)
 
     def path_for(self, image_rel: str) -> None:
         return None

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import posixpath
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 from PIL import Image
 
 from pipeline.labels.base import LabelError, LabelFormat, check_size
+from pipeline.labels.registry import register_label_format
 from pipeline.palette import IGNORE_INDEX, png_to_mask
+
+if TYPE_CHECKING:
+    from pipeline.config import LabelsConfig
 
 BINARY_MAPPING = {0: 0, 255: 1}
 
@@ -75,12 +80,19 @@ def decode_binary(data: bytes) -> np.ndarray:
     return mask
 
 
+@register_label_format("index_png")
 class IndexPngFormat(LabelFormat):
     """``<stem>.png`` index PNGs; an optional value mapping, then optional reduce_zero_label."""
+
+    options = frozenset({"mapping", "reduce_zero_label"})
 
     def __init__(self, mapping: dict[int, int] | None = None, reduce_zero: bool = False):
         self.mapping = mapping
         self.reduce_zero = reduce_zero
+
+    @classmethod
+    def from_config(cls, cfg: LabelsConfig, dataset_file: bytes | None) -> IndexPngFormat:
+        return cls(cfg.mapping, cfg.reduce_zero_label)
 
     def path_for(self, image_rel: str) -> str:
         return label_path_for(image_rel)
@@ -93,11 +105,18 @@ class IndexPngFormat(LabelFormat):
         return reduce_zero_label(mask) if self.reduce_zero else mask
 
 
+@register_label_format("binary")
 class BinaryFormat(LabelFormat):
     """``<stem>.png`` 0/255 masks mapped to classes, by default 0 -> 0 and 255 -> 1 (255 is not ignore here)."""
 
+    options = frozenset({"mapping"})
+
     def __init__(self, mapping: dict[int, int] | None = None):
         self.mapping = BINARY_MAPPING if mapping is None else mapping
+
+    @classmethod
+    def from_config(cls, cfg: LabelsConfig, dataset_file: bytes | None) -> BinaryFormat:
+        return cls(cfg.mapping)
 
     def path_for(self, image_rel: str) -> str:
         return label_path_for(image_rel)

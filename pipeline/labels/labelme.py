@@ -10,13 +10,18 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.errors import ConfigError
 from pipeline.labels.base import LabelError, LabelFormat, check_size
+from pipeline.labels.registry import register_label_format
 from pipeline.palette import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from pipeline.config import LabelsConfig
 
 IGNORE_NAME = "__ignore__"
 BACKGROUND_NAME = "_background_"
@@ -103,12 +108,20 @@ def labelme_to_mask(doc: dict, values: dict[str, int], height: int, width: int) 
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+@register_label_format("labelme")
 class LabelmeFormat(LabelFormat):
     """``<stem>.json`` labelme files; ``classes`` in labelme2voc's order."""
+
+    options = frozenset({"classes"})
+    required_options = {"classes": "the class names (labelme2voc's labels.txt)"}
 
     def __init__(self, classes: list[str]):
         self.classes = list(classes)
         self.values = class_values(self.classes)
+
+    @classmethod
+    def from_config(cls, cfg: LabelsConfig, dataset_file: bytes | None) -> LabelmeFormat:
+        return cls(cfg.classes)
 
     def path_for(self, image_rel: str) -> str:
         return labelme_label_path(image_rel)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 import fsspec
 
 from pipeline import storage
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources import Sample, Shard, shard_id_for
+from pipeline.sources.base import Layout, Sample, Shard, shard_id_for
 from pipeline.sources.prefetch import ordered_prefetch
+from pipeline.sources.registry import register_layout
+
+if TYPE_CHECKING:
+    from pipeline.config import InputConfig
 
 
 def list_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -60,3 +65,21 @@ def read_optional(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
         return fs.cat_file(path)
     except FileNotFoundError:
         return None
+
+
+@register_layout("files")
+class FilesLayout(Layout):
+    """Loose images; a folder holding any image is this layout, ahead of tars and Parquet files."""
+
+    listing_suffixes = IMAGE_EXTENSIONS
+    listing_kind = f"images ({', '.join(IMAGE_EXTENSIONS)})"
+    priority = 10
+    label_files = True
+
+    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
+        return plan(fs, root, shard_size)
+
+    def read(
+        self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor
+    ) -> Iterator[Sample]:
+        return read(fs, root, shard, pool)

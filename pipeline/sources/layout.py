@@ -1,8 +1,8 @@
-"""Choosing the input layout and dispatching plan/read to its module.
+"""Choosing the input layout and dispatching plan/read to the registered Layout.
 
-``auto`` decides from the URI first (a single .tar or .parquet file), then from one listing:
-loose images win, then tars, then Parquet files. The driver resolves the layout once and the
-actors receive it in the config, so they never list the input themselves.
+``auto`` decides from the URI first (a single file with one of a layout's ``file_suffixes``), then from one
+listing: layouts are tried by ``priority``, so today loose images win, then tars, then Parquet files. The
+driver resolves the layout once and the actors receive it in the config, so they never list the input themselves.
 """
 
 from __future__ import annotations
@@ -10,58 +10,66 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
-from pipeline.config import InputConfig
+import fsspec
+
 from pipeline.errors import InputError
-from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources import Sample, Shard, files, parquet, webdataset
+from pipeline.sources.base import Layout, Sample, Shard
+from pipeline.sources.registry import get_layout, list_layouts
 
-TAR_EXTENSIONS = webdataset.TAR_SUFFIXES
-PARQUET_EXTENSIONS = (parquet.SUFFIX,)
-_BY_EXTENSION = {**dict.fromkeys(TAR_EXTENSIONS, "webdataset"), **dict.fromkeys(PARQUET_EXTENSIONS, "parquet")}
+if TYPE_CHECKING:
+    from pipeline.config import InputConfig
+
+
+def by_priority() -> list[tuple[str, Layout]]:
+    """``(name, layout)`` of every registered layout, in the order auto-detection tries them."""
+    return sorted(((name, get_layout(name)) for name in list_layouts()), key=lambda entry: entry[1].priority)
 
 
 def layout_of_file(path: str) -> str | None:
     """The layout a single input file implies, or None."""
     lower = path.lower()
-    return next((layout for ext, layout in _BY_EXTENSION.items() if lower.endswith(ext)), None)
+    return next((name for name, layout in by_priority() if lower.endswith(layout.file_suffixes)), None)
 
 
-def detect_layout(fs, path: str) -> str:
+def layout_of_listing(paths: list[str]) -> str | None:
+    """The layout a folder's listing (lowercased paths) implies, or None."""
+    return next(
+        (name for name, layout in by_priority() if any(p.endswith(layout.listing_suffixes) for p in paths)), None
+    )
+
+
+def detect_layout(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The layout of the input at ``path``; InputError when nothing segpipe can read is there."""
     if fs.isfile(path):
-        layout = layout_of_file(path)
-        if layout is None:
-            raise InputError(
-                f"input {path} is a file, but neither a tar shard ({', '.join(TAR_EXTENSIONS)}) nor Parquet"
-            )
-        return layout
-    names = [p.lower() for p in fs.find(path) if not posixpath.basename(p).startswith(".")]
-    for exts, layout in ((IMAGE_EXTENSIONS, "files"), (TAR_EXTENSIONS, "webdataset"), (PARQUET_EXTENSIONS, "parquet")):
-        if any(n.endswith(exts) for n in names):
-            return layout
-    raise InputError(f"input {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}), tar shards or Parquet files")
+        name = layout_of_file(path)
+        if name is None:
+            kinds = [layout.file_kind for _, layout in by_priority() if layout.file_suffixes]
+            raise InputError(f"input {path} is a file, but neither {_join(kinds, 'nor')}")
+        return name
+    name = layout_of_listing([p.lower() for p in fs.find(path) if not posixpath.basename(p).startswith(".")])
+    if name is None:
+        kinds = [layout.listing_kind for _, layout in by_priority() if layout.listing_suffixes]
+        raise InputError(f"input {path} holds no {_join(kinds, 'or')}")
+    return name
+
+
+def _join(words: list[str], last: str) -> str:
+    """``a, b <last> c``."""
+    return f"{', '.join(words[:-1])} {last} {words[-1]}" if len(words) > 1 else "".join(words)
 
 
 class InputSource:
     """An input: its filesystem, root and layout; plans shards and streams their samples."""
 
-    def __init__(self, fs, root: str, cfg: InputConfig) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> None:
         self.fs, self.root, self.cfg = fs, root, cfg
         self.layout = cfg.layout if cfg.layout != "auto" else detect_layout(fs, root)
+        self._impl = get_layout(self.layout)
 
     def plan(self, shard_size: int) -> list[Shard]:
-        c = self.cfg
-        if self.layout == "files":
-            return files.plan(self.fs, self.root, shard_size)
-        if self.layout == "webdataset":
-            return webdataset.plan(self.fs, self.root)
-        return parquet.plan(self.fs, self.root, shard_size, c.image_column, c.label_column, c.id_column)
+        return self._impl.plan(self.fs, self.root, self.cfg, shard_size)
 
     def read(self, shard: Shard, pool: Executor) -> Iterator[Sample]:
-        c = self.cfg
-        if self.layout == "files":
-            return files.read(self.fs, self.root, shard, pool)
-        if self.layout == "webdataset":
-            return webdataset.read(self.fs, self.root, shard, c.label_suffix)
-        return parquet.read(self.fs, self.root, shard, c.image_column, c.label_column, c.id_column)
+        return self._impl.read(self.fs, self.root, shard, self.cfg, pool)

@@ -8,15 +8,20 @@ does, so Spark's ``_temporary/`` output and ``.crc`` files are not read.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.sources import Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.base import Layout, Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.registry import register_layout
 from pipeline.storage import to_uri
+
+if TYPE_CHECKING:
+    from pipeline.config import InputConfig
 
 SUFFIX = ".parquet"
 FOOTER_THREADS = 16  # footers are small reads: the listing's latency, not bandwidth, is what threads hide
@@ -142,3 +147,21 @@ def _bytes_and_path(value: bytes | dict | None) -> tuple[bytes | None, str | Non
     if isinstance(value, dict):
         return value.get("bytes"), value.get("path")
     return value, None
+
+
+@register_layout("parquet")
+class ParquetLayout(Layout):
+    """Parquet files; a folder is this layout when it holds neither loose images nor tars."""
+
+    file_suffixes = listing_suffixes = (SUFFIX,)
+    file_kind = "Parquet"
+    listing_kind = "Parquet files"
+    priority = 30
+
+    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
+        return plan(fs, root, shard_size, cfg.image_column, cfg.label_column, cfg.id_column)
+
+    def read(
+        self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor
+    ) -> Iterator[Sample]:
+        return read(fs, root, shard, cfg.image_column, cfg.label_column, cfg.id_column)

@@ -10,17 +10,23 @@ shard commits and the damage is reported; a failing storage read propagates, so 
 
 from __future__ import annotations
 
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import fsspec
 
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources import Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.base import Layout, Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.registry import register_layout
 from pipeline.storage import to_uri
+
+if TYPE_CHECKING:
+    from pipeline.config import InputConfig
 
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 UNREADABLE = "<unreadable>"
@@ -151,3 +157,25 @@ def _sample(entry: _Entry, base: str, uri: str) -> Sample:
 def _strip_suffix(rel: str) -> str:
     lower = rel.lower()
     return next((rel[: -len(s)] for s in TAR_SUFFIXES if lower.endswith(s)), rel)
+
+
+@register_layout("webdataset")
+class WebDatasetLayout(Layout):
+    """Tar shards; a folder is this layout when it holds tars but no loose images."""
+
+    file_suffixes = listing_suffixes = TAR_SUFFIXES
+    file_kind = f"a tar shard ({', '.join(TAR_SUFFIXES)})"
+    listing_kind = "tar shards"
+    priority = 20
+
+    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
+        return plan(fs, root)
+
+    def read(
+        self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor
+    ) -> Iterator[Sample]:
+        return read(fs, root, shard, cfg.label_suffix)
+
+    def sample_name(self, image_id: str) -> str:
+        """``<tar>/<member>`` -> the member's basename, which COCO's file_name lookup also matches."""
+        return posixpath.basename(image_id)

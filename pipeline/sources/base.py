@@ -1,0 +1,111 @@
+"""What every input layout shares: shards, samples, the listing helpers, and the Layout interface."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import fsspec
+
+from pipeline.storage import join
+
+if TYPE_CHECKING:
+    from pipeline.config import InputConfig
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work, retry and commit: its output files are named after ``shard_id``."""
+
+    shard_id: str
+    items: tuple[str, ...] = ()  # files layout: image paths relative to the input root, posix style
+    member: str | None = None  # webdataset / parquet: the tar or Parquet file, relative to the input root
+    row_groups: tuple[int, int] | None = None  # parquet: row groups [start, stop) of ``member``
+    images: int | None = None  # how many images it holds, when the listing tells (not for tars)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image as read from the input, before decoding."""
+
+    image_id: str  # unique within the job; the mask is written to masks/<image_id>.png
+    name: str  # the image's file name as annotation tools know it (matched against COCO's file_name)
+    source_uri: str  # where it came from: a file URI, or a tar / Parquet URI with a #fragment
+    image: bytes | None  # None: listed but gone by the time it was read
+    label: bytes | None = None  # a label carried in the input itself (tar member, Parquet column)
+    label_uri: str | None = None  # where that label came from
+    error: str | None = None  # a reason this sample cannot be processed (e.g. a tar entry without an image)
+
+
+class Layout(ABC):
+    """One way of laying out a job's images: how it is recognised, listed into shards, and read back.
+
+    ``plan`` runs once, on the driver; ``read`` streams one shard's samples in a stable order, on an actor,
+    holding no more than a bounded window of encoded images in memory.
+    """
+
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Lowercase suffixes that make a single input file this layout (auto-detection)."""
+    file_kind: ClassVar[str] = ""
+    """Such a file, as an error names it when a single input file is of no layout: "a tar shard (.tar)"."""
+    listing_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Lowercase suffixes of the files that make a folder this layout (auto-detection)."""
+    listing_kind: ClassVar[str] = ""
+    """Those files, as an error names them when a folder holds nothing readable: "tar shards"."""
+    priority: ClassVar[int] = 100
+    """Auto-detection tries layouts from the lowest priority up: the first whose suffixes match wins."""
+    label_files: ClassVar[bool] = False
+    """True: an image_id is the image's path under the input root, so label files are found by it."""
+
+    @abstractmethod
+    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
+        """List the input under ``root`` once and cut it into shards of about ``shard_size`` images."""
+
+    @abstractmethod
+    def read(
+        self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor
+    ) -> Iterator[Sample]:
+        """Stream ``shard``'s samples in a stable order; ``pool`` is the actor's IO thread pool."""
+
+    def sample_name(self, image_id: str) -> str:
+        """The image's ``Sample.name`` (what annotation tools call it), recovered from its image_id alone."""
+        return image_id
+
+
+def shard_id_for(position: int, *members: object) -> str:
+    """``NNNNN-<digest>``: its position in the plan plus a digest of what it holds.
+
+    The same listing always gives the same ids, and an id never names two different
+    groups of images, so a resumed run can trust a committed shard by its id.
+    """
+    digest = hashlib.sha256("\n".join(map(str, members)).encode()).hexdigest()[:10]
+    return f"{position:05d}-{digest}"
+
+
+def list_files(
+    fs: fsspec.AbstractFileSystem, root: str, suffixes: tuple[str, ...], ignore_prefixes: tuple[str, ...] = (".",)
+) -> list[tuple[str, int]]:
+    """``(path relative to root, size)`` of every file under ``root`` ending with one of ``suffixes``, sorted.
+
+    Files and folders whose name starts with one of ``ignore_prefixes`` are skipped. A ``root`` that is itself
+    such a file lists as its basename: read it back with ``file_path``.
+    """
+    if root.lower().endswith(suffixes) and fs.isfile(root):
+        return [(posixpath.basename(root), fs.size(root))]
+    prefix = root.rstrip("/") + "/"
+    found = []
+    for path, info in fs.find(root, detail=True).items():
+        rel = path[len(prefix) :]
+        if rel.lower().endswith(suffixes) and not any(part.startswith(ignore_prefixes) for part in rel.split("/")):
+            found.append((rel, info["size"]))
+    return sorted(found)
+
+
+def file_path(root: str, member: str) -> str:
+    """Where a shard's file is: ``root`` itself when the input is that one file (see ``list_files``)."""
+    return root if posixpath.basename(root) == member else join(root, member)
