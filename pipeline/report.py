@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+from pipeline.outputs import Manifest
+
 
 def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.2f}%"
 
 
-def format_summary(result: dict) -> str:
-    man, met = result["manifest"], result["metrics"]
-    counts, timings = man["counts"], man["timings"]
-    ips = timings["images_per_second"]
+def format_summary(manifest: Manifest, metrics: dict) -> str:
+    counts, timings = manifest.counts, manifest.timings
+    ips = timings.images_per_second
     lines = [
-        f"run {man['run_id']}  model {man['model']['name']}  ->  {man['config']['output_uri']}",
-        f"images {counts['images']}  errors {counts['errors']}  labeled {counts['labeled']}  "
-        f"shards {counts['shards']} ({counts['shards_skipped']} skipped, committed earlier)",
+        f"run {manifest.run_id}  model {manifest.model.name}  ->  {manifest.config['output_uri']}",
+        f"images {counts.images}  errors {counts.errors}  labeled {counts.labeled}  "
+        f"shards {counts.shards} ({counts.shards_skipped} skipped, committed earlier)",
         f"throughput {ips if ips is not None else 'n/a'} images/s  "
-        f"(plan {timings['plan_seconds']}s, infer {timings['infer_seconds']}s, reduce {timings['reduce_seconds']}s)",
+        f"(plan {timings.plan_seconds}s, infer {timings.infer_seconds}s, reduce {timings.reduce_seconds}s)",
     ]
-    if met["labeled_pixels"]:
+    if metrics["labeled_pixels"]:
         lines += [
-            f"pixel accuracy {_pct(met['pixel_accuracy'])}  mean accuracy {_pct(met['mean_accuracy'])}  "
-            f"mean IoU {_pct(met['mean_iou'])}  frequency-weighted IoU {_pct(met['frequency_weighted_iou'])}",
-            "per-class IoU: " + ", ".join(f"{name} {_pct(c['iou'])}" for name, c in met["per_class"].items()),
+            f"pixel accuracy {_pct(metrics['pixel_accuracy'])}  mean accuracy {_pct(metrics['mean_accuracy'])}  "
+            f"mean IoU {_pct(metrics['mean_iou'])}  frequency-weighted IoU {_pct(metrics['frequency_weighted_iou'])}",
+            "per-class IoU: " + ", ".join(f"{name} {_pct(c['iou'])}" for name, c in metrics["per_class"].items()),
         ]
     else:
         lines.append("no labels: dataset metrics not computed")
@@ -30,35 +31,33 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def metrics_table(result: dict) -> list[dict]:
+def metrics_table(metrics: dict) -> list[dict]:
     """Rows of the metrics table artifact: the dataset metrics, then IoU, Dice, precision and recall per class."""
-    met = result["metrics"]
     keys = ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou")
-    rows = [{"metric": k, "class": "(dataset)", "value": _number(met[k])} for k in keys]
-    for name, c in met["per_class"].items():
+    rows = [{"metric": k, "class": "(dataset)", "value": _number(metrics[k])} for k in keys]
+    for name, c in metrics["per_class"].items():
         rows += [{"metric": k, "class": name, "value": _number(c[k])} for k in ("iou", "dice", "precision", "recall")]
     return rows
 
 
-def summary_markdown(result: dict) -> str:
+def summary_markdown(manifest: Manifest, metrics: dict) -> str:
     """The markdown artifact: where the outputs are, counts, throughput and model."""
-    man, met = result["manifest"], result["metrics"]
-    counts, timings, model = man["counts"], man["timings"], man["model"]
-    ips = timings["images_per_second"]
+    counts, timings, model, config = manifest.counts, manifest.timings, manifest.model, manifest.config
+    ips = timings.images_per_second
     lines = [
-        f"# segpipe run `{man['run_id']}`",
+        f"# segpipe run `{manifest.run_id}`",
         "",
-        f"- **output**: `{man['config']['output_uri']}`",
-        f"- **input**: `{man['config']['input_uri']}` ({man['config']['input']['layout']})",
-        f"- **model**: `{model['name']}` ({len(model['class_names'])} classes), checkpoint `{model['checkpoint_uri']}` "
-        f"(sha256 `{model['checkpoint_sha256'][:12]}`)",
-        f"- **images**: {counts['images']} ({counts['errors']} errors, {counts['labeled']} labeled)",
-        f"- **shards**: {counts['shards']} ({counts['shards_skipped']} skipped, committed earlier)",
-        f"- **throughput**: {ips if ips is not None else 'n/a'} images/s; plan {timings['plan_seconds']} s, "
-        f"infer {timings['infer_seconds']} s, reduce {timings['reduce_seconds']} s",
+        f"- **output**: `{config['output_uri']}`",
+        f"- **input**: `{config['input_uri']}` ({config['input']['layout']})",
+        f"- **model**: `{model.name}` ({len(model.class_names)} classes), checkpoint `{model.checkpoint_uri}` "
+        f"(sha256 `{model.checkpoint_sha256[:12]}`)",
+        f"- **images**: {counts.images} ({counts.errors} errors, {counts.labeled} labeled)",
+        f"- **shards**: {counts.shards} ({counts.shards_skipped} skipped, committed earlier)",
+        f"- **throughput**: {ips if ips is not None else 'n/a'} images/s; plan {timings.plan_seconds} s, "
+        f"infer {timings.infer_seconds} s, reduce {timings.reduce_seconds} s",
     ]
-    if met["labeled_pixels"]:
-        lines.append(f"- **mean IoU**: {_pct(met['mean_iou'])}, pixel accuracy {_pct(met['pixel_accuracy'])}")
+    if metrics["labeled_pixels"]:
+        lines.append(f"- **mean IoU**: {_pct(metrics['mean_iou'])}, pixel accuracy {_pct(metrics['pixel_accuracy'])}")
     return "\n".join(lines)
 
 

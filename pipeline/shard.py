@@ -27,8 +27,8 @@ from pipeline.config import JobConfig
 from pipeline.images import DecodeError, decode_rgb
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
-from pipeline.models.checkpoint import load_checkpoint
-from pipeline.outputs import mask_path, stats_path, unsafe_image_id, write_stats
+from pipeline.models.checkpoint import load_checkpoint, read_checkpoint
+from pipeline.outputs import ImageRow, mask_path, stats_path, unsafe_image_id, write_stats
 from pipeline.palette import mask_to_png
 from pipeline.predictor import Predictor
 from pipeline.sources import Sample, Shard
@@ -70,9 +70,11 @@ class ShardProcessor:
         self.cfg = cfg
         self.run_id = run_id
         self.node = _ray_node_id()
-        ckpt_fs, ckpt_path = cfg.resolve(cfg.checkpoint_uri)
         model, self.meta = load_checkpoint(
-            ckpt_fs.cat_file(ckpt_path), cfg.checkpoint_uri, expect_arch=cfg.model, sha256=cfg.checkpoint_sha256
+            read_checkpoint(cfg.resolve, cfg.checkpoint_uri),
+            cfg.checkpoint_uri,
+            expect_arch=cfg.model,
+            sha256=cfg.checkpoint_sha256,
         )
         self.predictor = Predictor(
             model,
@@ -95,7 +97,7 @@ class ShardProcessor:
 
     def __call__(self, shard: Shard) -> ShardSummary:
         start = time.perf_counter()
-        rows: list[dict] = []
+        rows: list[ImageRow] = []
         samples = _checked_ids(background(self.source.read(shard, self.pool), maxsize=self.chunk))
         for chunk in _chunks(samples, self.chunk):
             rows.extend(self._process(shard, chunk))
@@ -103,13 +105,13 @@ class ShardProcessor:
         return ShardSummary(
             shard_id=shard.shard_id,
             images=len(rows),
-            errors=sum(r["error"] is not None for r in rows),
-            labeled=sum(bool(r["labeled"]) for r in rows),
+            errors=sum(r.error is not None for r in rows),
+            labeled=sum(r.labeled for r in rows),
             seconds=time.perf_counter() - start,
             node=self.node,
         )
 
-    def _process(self, shard: Shard, chunk: list[Sample]) -> list[dict]:
+    def _process(self, shard: Shard, chunk: list[Sample]) -> list[ImageRow]:
         prepared = list(self.pool.map(self._prepare, chunk))
         ok = [p for p in prepared if p.image is not None]
         with self.model_lock:
@@ -129,39 +131,33 @@ class ShardProcessor:
         except LabelError as e:
             return _Prepared(sample, image, None, label_error=f"label: {e}")
 
-    def _row(self, shard: Shard, p: _Prepared, pred) -> dict:
+    def _row(self, shard: Shard, p: _Prepared, pred) -> ImageRow:
         """Convert and check the label, write the mask, and build the image's stats row."""
-        row = {
-            "run_id": self.run_id,
-            "image_id": p.sample.image_id,
-            "source_uri": p.sample.source_uri,
-            "shard_id": shard.shard_id,
-            "model": self.cfg.model,
-            "labeled": False,
-        }
+        sample = p.sample
+        ids = {"run_id": self.run_id, "image_id": sample.image_id, "source_uri": sample.source_uri}
+        ids |= {"shard_id": shard.shard_id, "model": self.cfg.model}
         if pred is None:  # the image itself could not be read or decoded
-            row["error"] = p.error
-            return row
+            return ImageRow.failed(**ids, error=p.error)
         h, w = pred.mask.shape
         label, label_error = None, p.label_error
         if p.label is not None:
-            row["label_uri"] = p.label_uri
             try:
                 label = self.labels.to_mask(p.label, h, w)
                 validate_label(label, h, w, self.meta.num_classes)
             except LabelError as e:
                 label, label_error = None, f"label: {e}"
-        out = mask_path(self.out_root, p.sample.image_id)
+        out = mask_path(self.out_root, sample.image_id)
         storage.write_bytes(self.out_fs, out, mask_to_png(pred.mask, self.palette, self.cfg.png_compress_level))
-        row.update(image_stats(pred.mask, self.meta.num_classes, label))
-        row.update(
+        return ImageRow(
+            **ids,
+            **image_stats(pred.mask, self.meta.num_classes, label).columns(),
             width=w,
             height=h,
             mask_uri=storage.to_uri(self.out_fs, out),
             mean_confidence=pred.mean_confidence,
+            label_uri=p.label_uri,
             error=label_error,
         )
-        return row
 
 
 def _ray_node_id() -> str:

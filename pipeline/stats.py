@@ -1,6 +1,8 @@
-"""Per-image statistics: class pixel counts, confidence, and the sparse confusion counts against a label."""
+"""Per-image statistics: class pixel counts, and the metrics and sparse confusion counts against a label."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,21 +19,45 @@ def sparse_confusion(mat: np.ndarray) -> list[dict]:
     return [{"gt": int(i), "pred": int(j), "count": int(mat[i, j])} for i, j in zip(gt, pred, strict=True)]
 
 
-def image_stats(mask: np.ndarray, num_classes: int, label: np.ndarray | None) -> dict:
-    """The statistics columns of one image's row (see outputs.STATS_SCHEMA)."""
+@dataclass(frozen=True, kw_only=True)
+class ImageStats:
+    """The statistics columns of one image's ImageRow."""
+
+    class_pixels: list[int]
+    class_fraction: list[float]
+    labeled: bool
+    pixel_accuracy: float | None
+    mean_iou: float | None
+    confusion: list[dict] | None
+
+    def columns(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def image_stats(mask: np.ndarray, num_classes: int, label: np.ndarray | None) -> ImageStats:
+    """Class counts of the predicted ``mask``; with a ``label``, its metrics and sparse confusion counts."""
     pixels = class_pixels(mask, num_classes)
-    row = {
-        "class_pixels": pixels.tolist(),
-        "class_fraction": (pixels / max(mask.size, 1)).astype(np.float32).tolist(),
-        "labeled": label is not None,
-        "pixel_accuracy": None,
-        "mean_iou": None,
-        "confusion": None,
-    }
-    if label is not None:
-        mat = confusion_counts(label, mask, num_classes)
-        m = compute_metrics(mat)
-        row["pixel_accuracy"] = None if np.isnan(m["pixel_accuracy"]) else m["pixel_accuracy"]
-        row["mean_iou"] = None if np.isnan(m["mean_iou"]) else m["mean_iou"]
-        row["confusion"] = sparse_confusion(mat)
-    return row
+    fraction = (pixels / max(mask.size, 1)).astype(np.float32).tolist()
+    if label is None:
+        return ImageStats(
+            class_pixels=pixels.tolist(),
+            class_fraction=fraction,
+            labeled=False,
+            pixel_accuracy=None,
+            mean_iou=None,
+            confusion=None,
+        )
+    mat = confusion_counts(label, mask, num_classes)
+    m = compute_metrics(mat)
+    return ImageStats(
+        class_pixels=pixels.tolist(),
+        class_fraction=fraction,
+        labeled=True,
+        pixel_accuracy=_finite(m["pixel_accuracy"]),
+        mean_iou=_finite(m["mean_iou"]),
+        confusion=sparse_confusion(mat),
+    )
+
+
+def _finite(v: float) -> float | None:
+    return None if np.isnan(v) else v

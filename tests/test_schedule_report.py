@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime
 
 import pytest
 
 from pipeline.config import load_config
+from pipeline.outputs import Manifest, ModelInfo, RunCounts, ShardEntry, Timings
 from pipeline.report import metrics_table, summary_markdown
 from pipeline.schedule import parse_run_date, render_uri, render_uris
 
@@ -48,35 +50,45 @@ def test_run_date_must_be_iso():
         parse_run_date("28/02/2026")
 
 
-RESULT = {
-    "manifest": {
-        "run_id": "abc123",
-        "config": {"output_uri": "s3://b/out", "input_uri": "s3://b/in", "input": {"layout": "webdataset"}},
-        "model": {
-            "name": "unet_tiny",
-            "class_names": ["bg", "cat"],
-            "checkpoint_uri": "s3://m.pt",
-            "checkpoint_sha256": "f" * 64,
-        },
-        "counts": {"images": 10, "errors": 1, "labeled": 9, "shards": 2, "shards_skipped": 1},
-        "timings": {"images_per_second": 12.5, "plan_seconds": 0.1, "infer_seconds": 0.8, "reduce_seconds": 0.05},
-    },
-    "metrics": {
-        "labeled_pixels": 100,
-        "pixel_accuracy": 0.9,
-        "mean_accuracy": 0.8,
-        "mean_iou": 0.7,
-        "frequency_weighted_iou": float("nan"),
-        "per_class": {
-            "bg": {"iou": 0.75, "dice": 0.8, "precision": 0.9, "recall": 0.7},
-            "cat": {"iou": 0.65, "dice": 0.7, "precision": float("nan"), "recall": 0.6},
-        },
+MANIFEST = Manifest(
+    run_id="abc123",
+    status="complete",
+    started_at="2026-01-02T03:00:00+00:00",
+    finished_at="2026-01-02T03:00:01+00:00",
+    code_version="0.1.0",
+    config={"output_uri": "s3://b/out", "input_uri": "s3://b/in", "input": {"layout": "webdataset"}},
+    model=ModelInfo(
+        name="unet_tiny",
+        checkpoint_uri="s3://m.pt",
+        checkpoint_sha256="f" * 64,
+        class_names=["bg", "cat"],
+        palette=[[0, 0, 0], [128, 0, 0]],
+        normalization={"mean": [0.5] * 3, "std": [0.5] * 3},
+        input_policy="pad",
+        stride=8,
+    ),
+    counts=RunCounts(images=10, errors=1, labeled=9, shards=2, shards_skipped=1),
+    shards=[
+        ShardEntry(shard_id="00000-a", images=5, status="processed"),
+        ShardEntry(shard_id="00001-b", images=5, status="skipped (committed earlier)"),
+    ],
+    timings=Timings(images_per_second=12.5, plan_seconds=0.1, infer_seconds=0.8, reduce_seconds=0.05),
+)
+METRICS = {
+    "labeled_pixels": 100,
+    "pixel_accuracy": 0.9,
+    "mean_accuracy": 0.8,
+    "mean_iou": 0.7,
+    "frequency_weighted_iou": float("nan"),
+    "per_class": {
+        "bg": {"iou": 0.75, "dice": 0.8, "precision": 0.9, "recall": 0.7},
+        "cat": {"iou": 0.65, "dice": 0.7, "precision": float("nan"), "recall": 0.6},
     },
 }
 
 
 def test_metrics_table_has_dataset_rows_then_four_per_class():
-    rows = metrics_table(RESULT)
+    rows = metrics_table(METRICS)
     assert rows[:4] == [
         {"metric": "pixel_accuracy", "class": "(dataset)", "value": 0.9},
         {"metric": "mean_accuracy", "class": "(dataset)", "value": 0.8},
@@ -92,7 +104,7 @@ def test_metrics_table_has_dataset_rows_then_four_per_class():
 
 
 def test_summary_markdown_names_where_how_many_and_how_fast():
-    text = summary_markdown(RESULT)
+    text = summary_markdown(MANIFEST, METRICS)
     for needle in (
         "`s3://b/out`",
         "(webdataset)",
@@ -103,3 +115,13 @@ def test_summary_markdown_names_where_how_many_and_how_fast():
         "70.00%",
     ):
         assert needle in text
+
+
+def test_the_manifest_round_trips_through_json_and_refuses_a_missing_or_unknown_field():
+    doc = json.loads(json.dumps(MANIFEST.to_json()))
+    assert Manifest.from_json(doc) == MANIFEST
+    del doc["counts"]["labeled"]
+    with pytest.raises(TypeError, match="labeled"):
+        Manifest.from_json(doc)
+    with pytest.raises(TypeError, match="colour"):
+        Manifest.from_json(MANIFEST.to_json() | {"colour": "red"})

@@ -1,0 +1,65 @@
+"""The output contract, owned here and nowhere else: what a run writes under its output root.
+
+```
+manifest.json                 the run: config, model, counts, shards, timings; written last (the commit)
+stats/part-<shard>.parquet    one ImageRow per input image, errors included; a shard's commit
+masks/<image id>.png          palette PNG, pixel value = class index, 255 = ignore
+metrics.json                  dataset and per-class metrics, with their definitions
+confusion_matrix.parquet      the dataset confusion matrix, rows ground truth
+evaluations/<name>/           re-evaluations of the run's masks (see pipeline.evaluate)
+```
+
+- ``paths``: where each file lies;
+- ``rows``: the typed rows (``ImageRow``, ``EvaluationRow``) and the Arrow schemas derived from them;
+- ``tables``: the one Parquet writer, the committed-part checks, the one confusion reduce;
+- ``manifest``: the typed manifest, its one builder and one reader, and JSON writing.
+"""
+
+from pipeline.outputs.manifest import Manifest, ModelInfo, RunCounts, ShardEntry, Timings, read_manifest, write_json
+from pipeline.outputs.paths import (
+    CONFUSION,
+    EVALUATIONS,
+    MANIFEST,
+    METRICS,
+    committed_parts,
+    mask_path,
+    stats_path,
+    unsafe_image_id,
+)
+from pipeline.outputs.rows import EVALUATION_SCHEMA, STATS_SCHEMA, EvaluationRow, ImageRow
+from pipeline.outputs.tables import (
+    RowCounts,
+    committed_run_id,
+    reduce_confusion,
+    write_confusion,
+    write_rows,
+    write_stats,
+)
+
+__all__ = [
+    "CONFUSION",
+    "EVALUATIONS",
+    "EVALUATION_SCHEMA",
+    "MANIFEST",
+    "METRICS",
+    "STATS_SCHEMA",
+    "EvaluationRow",
+    "ImageRow",
+    "Manifest",
+    "ModelInfo",
+    "RowCounts",
+    "RunCounts",
+    "ShardEntry",
+    "Timings",
+    "committed_parts",
+    "committed_run_id",
+    "mask_path",
+    "read_manifest",
+    "reduce_confusion",
+    "stats_path",
+    "unsafe_image_id",
+    "write_confusion",
+    "write_json",
+    "write_rows",
+    "write_stats",
+]

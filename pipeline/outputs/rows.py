@@ -1,0 +1,88 @@
+"""The rows a run and an evaluation write, as types: building one with a field missing or misspelled fails
+where it is built, and each Parquet schema is derived from its row type, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import pyarrow as pa
+
+Cell = dict[str, int]  # one non-zero confusion cell: {"gt": i, "pred": j, "count": n}
+CONFUSION_CELLS = pa.list_(pa.struct([("gt", pa.int32()), ("pred", pa.int32()), ("count", pa.int64())]))
+
+
+def column(arrow_type: pa.DataType) -> Any:
+    """A required row field stored as ``arrow_type`` (no default: every row names every column)."""
+    return field(metadata={"arrow": arrow_type})
+
+
+def schema_of(row_type: type) -> pa.Schema:
+    return pa.schema([(f.name, f.metadata["arrow"]) for f in fields(row_type)])
+
+
+def to_table(rows: list, row_type: type) -> pa.Table:
+    """Rows of ``row_type`` as one Arrow table with the schema derived from it."""
+    names = [f.name for f in fields(row_type)]
+    return pa.Table.from_pydict({n: [getattr(r, n) for r in rows] for n in names}, schema=schema_of(row_type))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageRow:
+    """One input image's row in ``stats/part-<shard>.parquet``; ``error`` set means no mask (or no usable label)."""
+
+    run_id: str = column(pa.string())
+    image_id: str = column(pa.string())  # the image's path relative to the input root (or its id in the input)
+    source_uri: str = column(pa.string())
+    shard_id: str = column(pa.string())
+    width: int | None = column(pa.int32())
+    height: int | None = column(pa.int32())
+    mask_uri: str | None = column(pa.string())
+    class_pixels: list[int] | None = column(pa.list_(pa.int64()))
+    class_fraction: list[float] | None = column(pa.list_(pa.float32()))
+    mean_confidence: float | None = column(pa.float32())
+    labeled: bool = column(pa.bool_())
+    label_uri: str | None = column(pa.string())
+    pixel_accuracy: float | None = column(pa.float64())
+    mean_iou: float | None = column(pa.float64())
+    confusion: list[Cell] | None = column(CONFUSION_CELLS)  # sparse: re-reduce any subset of images exactly
+    error: str | None = column(pa.string())
+    model: str | None = column(pa.string())
+
+    @classmethod
+    def failed(cls, *, run_id: str, image_id: str, source_uri: str, shard_id: str, model: str | None, error: str):
+        """The row of an image that could not be segmented: why, and nothing else."""
+        return cls(
+            run_id=run_id,
+            image_id=image_id,
+            source_uri=source_uri,
+            shard_id=shard_id,
+            model=model,
+            error=error,
+            width=None,
+            height=None,
+            mask_uri=None,
+            class_pixels=None,
+            class_fraction=None,
+            mean_confidence=None,
+            labeled=False,
+            label_uri=None,
+            pixel_accuracy=None,
+            mean_iou=None,
+            confusion=None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationRow:
+    """One mask's row in ``evaluations/<name>/images.parquet``: its label, compared with new settings."""
+
+    image_id: str = column(pa.string())
+    label_uri: str | None = column(pa.string())
+    labeled: bool = column(pa.bool_())
+    confusion: list[Cell] | None = column(CONFUSION_CELLS)
+    error: str | None = column(pa.string())
+
+
+STATS_SCHEMA = schema_of(ImageRow)
+EVALUATION_SCHEMA = schema_of(EvaluationRow)

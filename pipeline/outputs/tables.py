@@ -1,0 +1,86 @@
+"""Parquet in and out: the one writer, the run id a stats part carries, and the one confusion reduce."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.metrics import ConfusionMatrix
+from pipeline.outputs.rows import ImageRow, to_table
+
+RUN_ID_KEY = b"segpipe.run_id"
+REDUCE_COLUMNS = ["confusion", "labeled", "error"]
+_REDUCE_FETCH = 32  # files the reduce fetches at once (a stats part is KBs to a few MB)
+
+
+def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Every Parquet file segpipe writes goes through here: zstd, one row group, published whole."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(fs, path, buf.getvalue())
+
+
+def write_rows(fs: fsspec.AbstractFileSystem, path: str, rows: list, row_type: type) -> None:
+    write_table(fs, path, to_table(rows, row_type))
+
+
+def write_stats(fs: fsspec.AbstractFileSystem, path: str, rows: list[ImageRow], run_id: str) -> None:
+    """One shard's rows, tagged with the run id (how a resumed run recognises its own parts)."""
+    table = to_table(rows, ImageRow)
+    write_table(fs, path, table.replace_schema_metadata({RUN_ID_KEY: run_id.encode()}))
+
+
+def committed_run_id(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The run id a committed stats part was written by (None if the file is absent)."""
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except FileNotFoundError:
+        return None
+    return meta.get(RUN_ID_KEY, b"").decode() or None
+
+
+def write_confusion(fs: fsspec.AbstractFileSystem, path: str, mat: np.ndarray, class_names: list[str]) -> None:
+    """Rows are ground truth, columns prediction: ``ground_truth`` then one int64 column per class."""
+    cols = {"ground_truth": pa.array(class_names)}
+    for j, name in enumerate(class_names):
+        cols[f"pred_{name}"] = pa.array(mat[:, j], pa.int64())
+    write_table(fs, path, pa.table(cols))
+
+
+@dataclass
+class RowCounts:
+    images: int = 0
+    errors: int = 0
+    labeled: int = 0
+
+
+def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.ndarray, RowCounts]:
+    """Sum the sparse confusion cells of every row of ``tables`` (stats parts, evaluation rows) into the exact
+    int64 dataset matrix; also count rows, error rows and labeled rows."""
+    total, counts = ConfusionMatrix(num_classes), RowCounts()
+    for table in tables:
+        counts.images += table.num_rows
+        counts.errors += table.num_rows - table["error"].null_count
+        counts.labeled += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
+        cells = table["confusion"].combine_chunks().flatten()
+        if len(cells):
+            total.update_sparse(cells.field("gt"), cells.field("pred"), cells.field("count"))
+    return total.mat, counts
+
+
+def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> Iterator[pa.Table]:
+    """The files' ``columns`` in order, fetched many at once (on S3 one GET after another would dominate the
+    reduce), one bounded group at a time."""
+    with ThreadPoolExecutor(_REDUCE_FETCH) as pool:
+        for group in range(0, len(paths), _REDUCE_FETCH):
+            for blob in pool.map(fs.cat_file, paths[group : group + _REDUCE_FETCH]):
+                yield pq.read_table(pa.BufferReader(blob), columns=columns)
