@@ -19,3 +19,15 @@ class InputError(SegpipeError, FileNotFoundError):
 
 class CheckpointError(SegpipeError, ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, or for another model."""
+
+
+class DeviceError(SegpipeError, RuntimeError):
+    """A device the configuration asks for that this machine does not have (e.g. CUDA on a CPU-only host)."""
+
+
+class StorageUnavailable(OSError):
+    """A store that did not answer (refused, timed out, failing) past its client's own retries.
+
+    Deliberately not a SegpipeError: nothing is wrong with the configuration, the outage may pass, so the
+    step that met it is retried (the Prefect tasks' retry condition), where a SegpipeError fails at once.
+    """

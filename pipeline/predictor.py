@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.cpu_tuning import keep_freed_memory, route_convs_to_onednn
+from pipeline.errors import DeviceError
 from pipeline.models.checkpoint import ModelMeta
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,11 +29,15 @@ class Prediction:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first GPU if CUDA has one, else the CPU; DeviceError for a GPU this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise DeviceError(f"device: {name} was asked for, but this machine has {count} CUDA devices")
+    return device
 
 
 class Predictor:

@@ -8,18 +8,39 @@ leaves a torn file under a final name.
 from __future__ import annotations
 
 import posixpath
+import sys
 import uuid
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import StorageUnavailable
+
 TMP_MARK = ".tmp-"
+# Errors that say a location cannot be used as given, whenever it is tried: missing, denied, malformed URI,
+# unknown protocol or a backend not installed. Anything else (refused connections, timeouts, 5xx past the
+# client's retries) may pass.
+_UNUSABLE = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, ValueError, ImportError)
+_UNUSABLE_BOTOCORE = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError")
 
 
 def resolve(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     return fs, path.rstrip("/") or path
+
+
+def location_error(error: Exception, message: str, unusable: type[Exception]) -> Exception:
+    """What to raise for ``error`` met while checking a location: ``unusable(message)`` (a SegpipeError: the
+    user must act) when the location cannot be used as given, else ``StorageUnavailable(message)``: retried."""
+    return unusable(message) if _is_unusable(error) else StorageUnavailable(message)
+
+
+def _is_unusable(error: Exception) -> bool:
+    if isinstance(error, _UNUSABLE):
+        return True
+    botocore = sys.modules.get("botocore.exceptions")  # loaded only if an s3:// location was tried
+    return botocore is not None and isinstance(error, tuple(getattr(botocore, n) for n in _UNUSABLE_BOTOCORE))
 
 
 def join(*parts: str) -> str:

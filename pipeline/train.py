@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.config import DataConfig, TrainConfig
+from pipeline.errors import InputError
 from pipeline.images import DecodeError, decode_rgb
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models import get_model
-from pipeline.models.checkpoint import ModelMeta, default_meta, load_checkpoint, save_checkpoint
+from pipeline.models.checkpoint import ModelMeta, default_meta, load_checkpoint, read_checkpoint, save_checkpoint
 from pipeline.palette import IGNORE_INDEX
 from pipeline.predictor import Predictor, resolve_device
 from pipeline.sources.layout import InputSource
@@ -65,7 +66,7 @@ def load_labeled(cfg: TrainConfig, data: DataConfig, num_classes: int) -> list[P
                 pairs.append((image, label))
     log.info("%s: %d labeled images; left out %s", data.input_uri, len(pairs), skipped)
     if not pairs:
-        raise ValueError(f"no labeled images in {data.input_uri} (left out: {skipped})")
+        raise InputError(f"no labeled images in {data.input_uri} (left out: {skipped})")
     return pairs
 
 
@@ -105,8 +106,8 @@ def evaluate(predictor: Predictor, pairs: list[Pair]) -> dict:
 
 def _init_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the tensors of ``init_checkpoint_uri`` whose names and shapes fit; a new classifier stays fresh."""
-    fs, path = cfg.resolve(cfg.init_checkpoint_uri)
-    source, _ = load_checkpoint(fs.cat_file(path), cfg.init_checkpoint_uri, expect_arch=cfg.model)
+    data = read_checkpoint(cfg.resolve, cfg.init_checkpoint_uri)
+    source, _ = load_checkpoint(data, cfg.init_checkpoint_uri, expect_arch=cfg.model)
     own = model.state_dict()
     fits = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fits, strict=False)

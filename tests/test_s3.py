@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.cli import configure_logging
+from pipeline.cli.logs import configure_logging
 from pipeline.config import load_config
-from pipeline.devs3 import PUBLIC_BUCKET
-from pipeline.errors import InputError
-from pipeline.job import preflight
+from pipeline.devtools.local_s3 import PUBLIC_BUCKET
+from pipeline.errors import InputError, SegpipeError, StorageUnavailable
+from pipeline.preflight import preflight
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -153,12 +153,29 @@ def test_wrong_credentials_name_the_uri_and_hide_the_secret(s3_server, bucket, c
     assert not (tmp_path / "out").exists()
 
 
-def test_unreachable_endpoint_names_the_uri(tmp_path, checkpoint, unused_port):
+def test_unreachable_endpoint_names_the_uri_and_is_retried_not_refused(tmp_path, checkpoint, unused_port):
+    """Nothing listens: an outage, not a wrong config. Not a SegpipeError, so the plan step retries it."""
+    from flows.common import transient
+
     uri = "s3://any-bucket/images"
-    storage = {"endpoint_url": f"http://127.0.0.1:{unused_port}", "key": "k", "secret": "s"}  # nothing listens
-    err = preflight_error(tmp_path, checkpoint, uri, str(tmp_path / "out"), storage)
-    assert f"input {uri} cannot be read" in str(err)
+    storage = {"endpoint_url": f"http://127.0.0.1:{unused_port}", "key": "k", "secret": "s"}
+    cfg = load_config(input_uri=uri, checkpoint_uri=str(checkpoint), output_uri=str(tmp_path / "out"), storage=storage)
+    with pytest.raises(StorageUnavailable, match=f"input {uri} cannot be read") as err:
+        preflight(cfg)
+    assert not isinstance(err.value, SegpipeError)
+    assert transient(None, None, _FailedWith(err.value))
+    assert not transient(None, None, _FailedWith(InputError("input s3://x does not exist")))
     assert not (tmp_path / "out").exists()
+
+
+class _FailedWith:
+    """A task run state whose result raises ``error``, as Prefect hands it to a retry condition."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def result(self):
+        raise self.error
 
 
 class _SeenShardRetry(logging.Handler):
@@ -296,3 +313,47 @@ def assert_plans(fields: dict) -> None:
 
     plan = plan_job(load_config(**fields))
     assert sum(s.images for s in plan.shards) == 24
+
+
+class _SeenPlanRetry(logging.Handler):
+    """Set once Prefect schedules a retry of the plan task."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Retry 1/" in message:
+            self.messages.append(message)
+            self.seen.set()
+
+
+def test_a_storage_outage_while_planning_is_retried_by_the_plan_task(
+    s3_server, bucket, dataset, checkpoint, tmp_path, ray_local, prefect_ephemeral
+):
+    """The S3 server is down when the run starts and comes back only once planning has failed: the plan task
+    retries (a StorageUnavailable is not a configuration error) and the run completes."""
+    from flows.segment_dataset import segment_dataset
+
+    out = f"{bucket}/plan-outage-{uuid.uuid4().hex[:6]}"
+    cfg = s3_job(tmp_path, s3_server, bucket, out, shard_size=12, actors=1)
+    watch = _SeenPlanRetry()
+    logging.getLogger("prefect").addHandler(watch)
+
+    def restart_once_planning_failed() -> None:
+        watch.seen.wait(timeout=180)
+        s3_server.restart()
+
+    s3_server.crash()
+    restarter = threading.Thread(target=restart_once_planning_failed)
+    restarter.start()
+    try:
+        result = segment_dataset(config_path=cfg)
+    finally:
+        watch.seen.set()  # never leave the server down for the tests after this one
+        restarter.join()
+        logging.getLogger("prefect").removeHandler(watch)
+    assert watch.messages and "StorageUnavailable" in watch.messages[0], watch.messages
+    assert result["manifest"]["status"] == "complete" and result["manifest"]["counts"]["images"] == 24

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 from pipeline.errors import CheckpointError
 from pipeline.models.registry import get_model
 from pipeline.palette import voc_colormap
+from pipeline.storage import location_error
 
 FORMAT = "segpipe-checkpoint/1"
 SAFETENSORS_META_KEY = "segpipe.meta"
@@ -126,6 +128,19 @@ def _read_safetensors(data: bytes) -> dict[str, Any]:
     if SAFETENSORS_META_KEY not in metadata:
         return {}
     return {"format": FORMAT, "meta": json.loads(metadata[SAFETENSORS_META_KEY]), "state_dict": state_dict}
+
+
+def read_checkpoint(resolve: Callable[[str], tuple[Any, str]], uri: str) -> bytes:
+    """The bytes of the checkpoint at ``uri`` (``resolve`` is a config's ``resolve``: URI -> (fs, path)).
+
+    CheckpointError when it is missing, denied or not a usable URI; StorageUnavailable (retried by the
+    caller's step) when its store does not answer.
+    """
+    try:
+        fs, path = resolve(uri)
+        return fs.cat_file(path)
+    except Exception as e:  # botocore's client errors are not OSErrors: classify them
+        raise location_error(e, f"cannot read checkpoint {uri}: {e}", CheckpointError) from e
 
 
 def load_checkpoint(
