@@ -27,7 +27,7 @@ demo: $(STAMP)
 s3-demo: $(STAMP)
 	rm -rf $(DEMO_DATA) outputs/s3-demo
 	$(BIN)/segpipe make-dataset $(DEMO_DATA) --count 96 --seed 2024
-	$(BIN)/python -m pipeline.devs3 --data $(DEMO_DATA) --folder outputs/s3-demo --config configs/demo.yaml
+	$(BIN)/segpipe s3-demo --data $(DEMO_DATA) --folder outputs/s3-demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest

