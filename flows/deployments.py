@@ -9,6 +9,7 @@ The same deployments for a Kubernetes work pool are in deploy/prefect.yaml (``pr
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ def build_deployments(spec: DeploymentsConfig) -> list:
     from flows.evaluate_run import evaluate_run
     from flows.segment_dataset import segment_dataset
 
+    for name, flow in (("nightly", segment_dataset), ("adhoc", segment_dataset), ("evaluate", evaluate_run)):
+        _check_parameters(name, getattr(spec, name), flow)
     out = []
     if spec.nightly:
         n = spec.nightly
@@ -69,6 +72,16 @@ def build_deployments(spec: DeploymentsConfig) -> list:
     if not out:
         raise ConfigError("the deployments file names no deployment (nightly, adhoc, evaluate)")
     return out
+
+
+def _check_parameters(name: str, deployment: _Spec | None, flow) -> None:
+    """Every default parameter must be one the flow takes: a typo fails here, not in every run."""
+    accepted = inspect.signature(flow.fn).parameters
+    unknown = sorted(set(deployment.parameters) - set(accepted)) if deployment else []
+    if unknown:
+        raise ConfigError(
+            f"{name}.parameters: {', '.join(unknown)} not a parameter of {flow.name} (it takes {', '.join(accepted)})"
+        )
 
 
 def serve(path: str | Path, limit: int | None = None) -> None:

@@ -1,10 +1,10 @@
 """The ``segment-dataset`` flow: plan → infer on Ray actors → reduce and commit → report (artifacts, summary)."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` in flow modules: Prefect validates parameters against the
+# annotations, and string annotations fail to resolve when a runner loads this file by path.
 
 import time
 from datetime import UTC, datetime
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -18,11 +18,13 @@ from prefect.runtime import flow_run
 from tqdm import tqdm
 
 from flows.common import METRICS_KEY, PROGRESS_KEY, STORAGE_RETRIES, SUMMARY_KEY, transient
-from pipeline.config import JobConfig, load_config
+from flows.parameters import config_parameters
+from pipeline.config import JobConfig
 from pipeline.execution import run_shards
 from pipeline.job import JobPlan, finalize_job, plan_job
+from pipeline.outputs import Manifest
 from pipeline.report import format_summary, metrics_table, summary_markdown
-from pipeline.schedule import parse_run_date, render_uris
+from pipeline.schedule import job_config, parse_run_date
 
 
 @task(name="plan", cache_policy=NO_CACHE, retry_condition_fn=transient, **STORAGE_RETRIES)
@@ -74,42 +76,26 @@ def reduce_task(plan: JobPlan, summaries: list, infer_seconds: float) -> dict:
 
 
 @flow(name="segment-dataset")
-def segment_dataset(
-    input_uri: str | None = None,
-    output_uri: str | None = None,
-    labels_uri: str | None = None,
-    checkpoint_uri: str | None = None,
-    model: str | None = None,
-    shard_size: int | None = None,
-    actors: int | Literal["auto"] | None = None,
-    batch_size: int | None = None,
-    config_path: str | None = None,
-    run_date: str | None = None,
-) -> dict:
+@config_parameters(JobConfig)
+def segment_dataset(config_path: str | None = None, run_date: str | None = None, **fields) -> dict:
     """Segment every image under ``input_uri``; parameters override the YAML at ``config_path``.
 
     ``{date}`` in the input, labels or output URI becomes ``run_date`` (YYYY-MM-DD), by default the
     date the run was scheduled for, so a nightly deployment writes each night to its own prefix and a
     re-run of a date resumes it.
+
+    Args:
+        config_path: a YAML file of job fields (see configs/); parameters given here override it
+        run_date: YYYY-MM-DD for {date} in the URIs; default the date the run was scheduled for
     """
-    cfg = load_config(
-        config_path,
-        input_uri=input_uri,
-        output_uri=output_uri,
-        labels_uri=labels_uri,
-        checkpoint_uri=checkpoint_uri,
-        model=model,
-        shard_size=shard_size,
-        actors=actors,
-        batch_size=batch_size,
-    )
-    cfg = render_uris(cfg, parse_run_date(run_date) if run_date else _scheduled_date())
-    plan = plan_task(cfg)
+    when = parse_run_date(run_date) if run_date else _scheduled_date()
+    plan = plan_task(job_config(config_path, fields, when))
     summaries, infer_seconds = infer_task(plan)
     result = reduce_task(plan, summaries, infer_seconds)
-    create_table_artifact(metrics_table(result), key=METRICS_KEY, description="dataset and per-class metrics")
-    create_markdown_artifact(summary_markdown(result), key=SUMMARY_KEY, description="where, how many, how fast")
-    get_run_logger().info("\n%s", format_summary(result))
+    manifest, metrics = Manifest.from_json(result["manifest"]), result["metrics"]
+    create_table_artifact(metrics_table(metrics), key=METRICS_KEY, description="dataset and per-class metrics")
+    create_markdown_artifact(summary_markdown(manifest, metrics), key=SUMMARY_KEY, description="where, how many")
+    get_run_logger().info("\n%s", format_summary(manifest, metrics))
     return result
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from pipeline.devs3 import free_ports
+from pipeline.devtools.local_s3 import free_ports
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -237,3 +237,122 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
     second = json.loads((out / "manifest.json").read_text())
     assert second["run_id"] == first["run_id"] and second["counts"]["shards_skipped"] == 3
     assert len(list((out / "stats").glob("part-*.parquet"))) == 3
+
+
+def start(args: list[str], env: dict, cwd: Path, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "w")  # noqa: SIM115 - the process owns it; closed with the file table at exit
+    return subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def check_run_output(out: Path, images: int = 24) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["images"] == images
+    assert manifest["counts"]["labeled"] == images
+    return manifest
+
+
+USER_SCRIPT = """
+from flows.segment_dataset import segment_dataset
+
+if __name__ == "__main__":
+    segment_dataset.serve(name="from-a-user-script")
+"""
+
+
+def test_a_users_own_script_serving_the_flow_runs_what_it_receives(
+    prefect_api, client_env, ray_local, dataset, checkpoint, tmp_path
+):
+    """Prefect's documented way to serve a flow, from a script in the user's own folder: every parameter,
+    a section among them, arrives validated and the run completes."""
+    (tmp_path / "serve_it.py").write_text(USER_SCRIPT)
+    env = client_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = start([sys.executable, "serve_it.py"], env, tmp_path, tmp_path / "serve.log")
+    try:
+        wait_until(lambda: deployment(prefect_api, "segment-dataset/from-a-user-script"), 120, "the served", proc)
+        out = tmp_path / "out"
+        run_id = run_deployment_cli(
+            client_env,
+            "segment-dataset/from-a-user-script",
+            input_uri=str(dataset / "images"),
+            labels_uri=str(dataset / "labels"),
+            output_uri=str(out),
+            checkpoint_uri=str(checkpoint),
+            shard_size=8,
+            actors=1,
+            labels={"format": "index_png"},
+            input={"layout": "files"},
+        )
+        run = finished(prefect_api, run_id)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "serve.log").read_text()[-3000:])
+    finally:
+        stop(proc)
+    manifest = check_run_output(out)
+    assert manifest["config"]["shard_size"] == 8 and manifest["counts"]["shards"] == 3
+
+
+def process_pool_project(tmp_path: Path, pool: str) -> Path:
+    """deploy/prefect.yaml for a ``process`` work pool on this machine: the same entrypoints and parameters,
+    pulled into this checkout instead of the image's /app, each deployment renamed so as not to replace the
+    served ones."""
+    spec = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
+    spec["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    for d in spec["deployments"]:
+        d["name"] += "-process"
+        d["work_pool"] = {"name": pool}
+        d.pop("schedules", None)  # nothing may start on its own during the test
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_prefect_deploy_to_a_process_work_pool_runs_on_a_worker(prefect_api, client_env, ray_local, dataset, tmp_path):
+    """``prefect deploy`` of deploy/prefect.yaml's entrypoints to a process pool, a worker, and a run triggered
+    with ``prefect deployment run ... -p``: the path the Kubernetes pool takes, on this machine."""
+    prefect = str(BIN / "prefect")
+    pool = "segpipe-process"
+    created = subprocess.run(
+        [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    project = process_pool_project(tmp_path, pool)
+    deployed = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(project)],
+        env=client_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    env = client_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    worker = start([prefect, "worker", "start", "--pool", pool], env, tmp_path, tmp_path / "worker.log")
+    try:
+        out = tmp_path / "out"
+        run_id = run_deployment_cli(
+            client_env,
+            "segment-dataset/adhoc-process",
+            input_uri=str(dataset / "images"),
+            labels_uri=str(dataset / "labels"),
+            output_uri=str(out),
+            shard_size=12,
+        )
+        run = finished(prefect_api, run_id)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker.log").read_text()[-3000:])
+    finally:
+        stop(worker)
+    manifest = check_run_output(out)
+    assert manifest["model"]["checkpoint_uri"] == str(REPO / "pipeline/models/weights/unet_tiny_shapes.pt")
+    assert manifest["counts"]["shards"] == 2
