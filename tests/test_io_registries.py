@@ -91,8 +91,8 @@ class TableFormat(LabelFormat):
 @pytest.fixture
 def toys(monkeypatch):
     """The toy layout and formats registered for one test; the registries are restored after it."""
-    monkeypatch.setattr(layout_registry, "_LAYOUTS", dict(layout_registry._LAYOUTS))
-    monkeypatch.setattr(format_registry, "_FORMATS", dict(format_registry._FORMATS))
+    for registry in (layout_registry.LAYOUTS, format_registry.LABEL_FORMATS):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     register_layout("text")(TextNamedLayout)
     register_label_format("digit")(DigitFormat)
     register_label_format("table")(TableFormat)

@@ -6,27 +6,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from pipeline.registry import Registry
 
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def wrapper(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"a model is already registered under the name {name!r}")
-        _MODELS[name] = fn
-        return fn
-
-    return wrapper
-
-
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "models")
+register_model = MODELS.register
+list_models = MODELS.names
 
 
 def get_model(name: str, **config) -> nn.Module:
     """Build the registered model ``name``; every model returns logits [N, C, H, W] at the input size."""
-    try:
-        fn = _MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
-    return fn(**config)
+    return MODELS.get(name)(**config)
