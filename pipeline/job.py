@@ -75,14 +75,8 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     checked = preflight(cfg)
     start = time.perf_counter()
-    cfg, meta, sha = checked.cfg, checked.meta, checked.checkpoint_sha256
-    source = InputSource(*cfg.resolve(cfg.input_uri), cfg.input)
-    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"layout": source.layout})})
-    if cfg.labels_uri and not get_layout(source.layout).label_files and get_label_format(cfg.labels.format).per_image:
-        raise ConfigError(
-            f"labels_uri: the {source.layout} layout carries its labels in the input itself "
-            "(input.label_suffix, input.label_column); labels_uri is for loose files or a COCO JSON"
-        )
+    cfg, source = _input(checked.cfg)
+    meta, sha = checked.meta, checked.checkpoint_sha256
     shards = source.plan(cfg.shard_size)
     if not shards:
         raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
@@ -97,6 +91,18 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     log.info("planned %d %s shards (%d already committed), run %s", len(shards), source.layout, len(committed), run_id)
     plan_seconds = checked.seconds + time.perf_counter() - start
     return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, plan_seconds)
+
+
+def _input(cfg: JobConfig) -> tuple[JobConfig, InputSource]:
+    """The input, with its layout detected once here and written into the config the actors receive."""
+    source = InputSource(*cfg.resolve(cfg.input_uri), cfg.input)
+    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"layout": source.layout})})
+    if cfg.labels_uri and not get_layout(source.layout).label_files and get_label_format(cfg.labels.format).per_image:
+        raise ConfigError(
+            f"labels_uri: the {source.layout} layout carries its labels in the input itself "
+            "(input.label_suffix, input.label_column); labels_uri is for loose files or a COCO JSON"
+        )
+    return cfg, source
 
 
 def _same_job_or_none(manifest: Manifest | None, run_id: str, uri: str) -> None:
@@ -169,7 +175,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         meta=meta,
         checkpoint_sha256=plan.checkpoint_sha256,
         shards=plan.shards,
-        done={s.shard_id: s for s in summaries},
+        done={s.shard_id: s.images for s in summaries},
         counts=counts,
         timings=timings,
     )

@@ -253,6 +253,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def completed(api: str, env: dict, name: str, log: Path, **params) -> None:
+    """Run deployment ``name`` with ``params`` from the CLI and wait: it must complete (else: its process log)."""
+    run = finished(api, run_deployment_cli(env, name, **params))
+    assert run["state"]["type"] == "COMPLETED", (run["state"], log.read_text()[-3000:])
+
+
 def check_run_output(out: Path, images: int = 24) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["images"] == images
@@ -278,24 +284,23 @@ def test_a_users_own_script_serving_the_flow_runs_what_it_receives(
     proc = start([sys.executable, "serve_it.py"], env, tmp_path, tmp_path / "serve.log")
     try:
         wait_until(lambda: deployment(prefect_api, "segment-dataset/from-a-user-script"), 120, "the served", proc)
-        out = tmp_path / "out"
-        run_id = run_deployment_cli(
+        completed(
+            prefect_api,
             client_env,
             "segment-dataset/from-a-user-script",
+            tmp_path / "serve.log",
             input_uri=str(dataset / "images"),
             labels_uri=str(dataset / "labels"),
-            output_uri=str(out),
+            output_uri=str(tmp_path / "out"),
             checkpoint_uri=str(checkpoint),
             shard_size=8,
             actors=1,
             labels={"format": "index_png"},
             input={"layout": "files"},
         )
-        run = finished(prefect_api, run_id)
-        assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "serve.log").read_text()[-3000:])
     finally:
         stop(proc)
-    manifest = check_run_output(out)
+    manifest = check_run_output(tmp_path / "out")
     assert manifest["config"]["shard_size"] == 8 and manifest["counts"]["shards"] == 3
 
 
@@ -340,19 +345,18 @@ def test_prefect_deploy_to_a_process_work_pool_runs_on_a_worker(prefect_api, cli
     env = client_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     worker = start([prefect, "worker", "start", "--pool", pool], env, tmp_path, tmp_path / "worker.log")
     try:
-        out = tmp_path / "out"
-        run_id = run_deployment_cli(
+        completed(
+            prefect_api,
             client_env,
             "segment-dataset/adhoc-process",
+            tmp_path / "worker.log",
             input_uri=str(dataset / "images"),
             labels_uri=str(dataset / "labels"),
-            output_uri=str(out),
+            output_uri=str(tmp_path / "out"),
             shard_size=12,
         )
-        run = finished(prefect_api, run_id)
-        assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker.log").read_text()[-3000:])
     finally:
         stop(worker)
-    manifest = check_run_output(out)
+    manifest = check_run_output(tmp_path / "out")
     assert manifest["model"]["checkpoint_uri"] == str(REPO / "pipeline/models/weights/unet_tiny_shapes.pt")
     assert manifest["counts"]["shards"] == 2

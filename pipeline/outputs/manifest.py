@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from pipeline.config import JobConfig
     from pipeline.models.checkpoint import ModelMeta
     from pipeline.outputs.tables import RowCounts
-    from pipeline.shard import ShardSummary
     from pipeline.sources import Shard
 
 COMPLETE = "complete"
@@ -104,11 +103,12 @@ def build_manifest(
     meta: ModelMeta,
     checkpoint_sha256: str,
     shards: list[Shard],
-    done: dict[str, ShardSummary],
+    done: dict[str, int],
     counts: RowCounts,
     timings: Timings,
 ) -> Manifest:
-    """The manifest of a run whose every shard is committed; ``done`` holds the shards this attempt ran."""
+    """The manifest of a run whose every shard is committed; ``done``: shard id -> images, of the shards this
+    attempt ran (the others were committed by an earlier one)."""
     names = list(meta.class_names)
     return Manifest(
         run_id=run_id,
@@ -139,10 +139,10 @@ def build_manifest(
     )
 
 
-def _entry(shard: Shard, summary: ShardSummary | None) -> ShardEntry:
-    if summary is None:
+def _entry(shard: Shard, images: int | None) -> ShardEntry:
+    if images is None:
         return ShardEntry(shard_id=shard.shard_id, images=shard.images, status=SKIPPED)
-    return ShardEntry(shard_id=shard.shard_id, images=summary.images, status=PROCESSED)
+    return ShardEntry(shard_id=shard.shard_id, images=images, status=PROCESSED)
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
