@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from pipeline.config import plain_type
+from pipeline.config import plain_type, section_schema
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
@@ -25,7 +25,7 @@ def config_parameters(schema: type[BaseModel]) -> Callable[[Callable], Callable]
 
     def decorate(fn: Callable) -> Callable:
         own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        fields = [_parameter(name, info) for name, info in schema.model_fields.items()]
+        fields = [_parameter(schema, name) for name in schema.model_fields]
         clash = {p.name for p in own} & {p.name for p in fields}
         if clash:
             raise TypeError(f"{fn.__name__}: parameters {sorted(clash)} are also {schema.__name__} fields")
@@ -38,19 +38,17 @@ def config_parameters(schema: type[BaseModel]) -> Callable[[Callable], Callable]
     return decorate
 
 
-def _parameter(name: str, info) -> inspect.Parameter:
-    kind = plain_type(info.annotation)
-    if isinstance(kind, type) and issubclass(kind, BaseModel):
-        kind = dict[str, Any]  # a partial section: validated with the rest of the config, not alone
+def _parameter(schema: type[BaseModel], name: str) -> inspect.Parameter:
+    # A section is a mapping of some of its fields, validated with the rest of the config, not alone.
+    section = section_schema(schema, name)
+    kind = dict[str, Any] if section else plain_type(schema.model_fields[name].annotation)
     return inspect.Parameter(name, KEYWORD, default=None, annotation=Optional[kind])  # noqa: UP045 (a runtime object)
 
 
 def _docstring(doc: str, schema: type[BaseModel]) -> str:
     lines = [inspect.cleandoc(doc), "", "Args:"] if "Args:" not in doc else [inspect.cleandoc(doc)]
     for name, info in schema.model_fields.items():
-        section = info.annotation if isinstance(info.annotation, type) else None
-        what = info.description or name
-        if section is not None and issubclass(section, BaseModel):
-            what += f" (fields: {', '.join(section.model_fields)})"
-        lines.append(f"    {name}: {what}")
+        section = section_schema(schema, name)
+        fields = f" (fields: {', '.join(section.model_fields)})" if section else ""
+        lines.append(f"    {name}: {info.description or name}{fields}")
     return "\n".join(lines)

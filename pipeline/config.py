@@ -369,7 +369,7 @@ def merge_overrides(schema: type[BaseModel], data: dict[str, Any], overrides: di
     for key, value in overrides.items():
         if value is None:
             continue
-        section = _section_schema(schema, key)
+        section = section_schema(schema, key)
         if isinstance(value, BaseModel):
             value = value.model_dump(exclude_unset=True)
         if section is not None and isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -378,7 +378,8 @@ def merge_overrides(schema: type[BaseModel], data: dict[str, Any], overrides: di
     return merged
 
 
-def _section_schema(schema: type[BaseModel], key: str) -> type[BaseModel] | None:
+def section_schema(schema: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The model of field ``key`` when it is a section (``labels``, ``input``, ``storage``), else None."""
     field = schema.model_fields.get(key)
     kind = field.annotation if field is not None else None
     return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None

@@ -30,13 +30,13 @@ from pipeline.outputs import (
     committed_parts,
     mask_path,
     read_manifest,
+    read_tables,
     reduce_confusion,
+    to_table,
     write_confusion,
     write_json,
-    write_rows,
+    write_table,
 )
-from pipeline.outputs.rows import to_table
-from pipeline.outputs.tables import read_tables
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 from pipeline.sources import Sample, get_layout
 from pipeline.stats import sparse_confusion
@@ -59,9 +59,10 @@ def evaluate_output(cfg: EvaluateConfig) -> dict:
     ids = _image_ids(fs, root)
     with ThreadPoolExecutor(cfg.io_threads) as pool:
         rows = list(pool.map(lambda i: labels.compare(fs, root, i, len(names)), ids))
-    mat, counts = reduce_confusion([to_table(rows, EvaluationRow)], len(names))
+    table = to_table(rows, EvaluationRow)
+    mat, counts = reduce_confusion([table], len(names))
     out = storage.join(root, EVALUATIONS, evaluation_name(cfg))
-    write_rows(fs, storage.join(out, "images.parquet"), rows, EvaluationRow)
+    write_table(fs, storage.join(out, "images.parquet"), table)
     write_confusion(fs, storage.join(out, CONFUSION), mat, names)
     doc = {
         "run_id": manifest.run_id,

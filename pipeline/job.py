@@ -25,15 +25,14 @@ from pipeline.outputs import (
     METRICS,
     Manifest,
     Timings,
+    build_manifest,
     committed_parts,
     committed_run_id,
     read_manifest,
-    reduce_confusion,
+    reduce_parts,
     write_confusion,
     write_json,
 )
-from pipeline.outputs.manifest import build_manifest
-from pipeline.outputs.tables import REDUCE_COLUMNS, read_tables
 from pipeline.preflight import preflight
 from pipeline.shard import ShardSummary
 from pipeline.sources import Shard, get_layout
@@ -149,8 +148,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     missing = [s.shard_id for s in plan.shards if s.shard_id not in parts]
     if missing:
         raise SegpipeError(f"cannot finalize: {len(missing)} shards are not committed, e.g. {missing[0]}")
-    tables = read_tables(fs, [parts[s.shard_id] for s in plan.shards], REDUCE_COLUMNS)
-    mat, counts = reduce_confusion(tables, meta.num_classes)
+    mat, counts = reduce_parts(fs, [parts[s.shard_id] for s in plan.shards], meta.num_classes)
     names = list(meta.class_names)
     metrics_doc = {
         "run_id": plan.run_id,

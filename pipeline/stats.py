@@ -37,27 +37,17 @@ class ImageStats:
 def image_stats(mask: np.ndarray, num_classes: int, label: np.ndarray | None) -> ImageStats:
     """Class counts of the predicted ``mask``; with a ``label``, its metrics and sparse confusion counts."""
     pixels = class_pixels(mask, num_classes)
-    fraction = (pixels / max(mask.size, 1)).astype(np.float32).tolist()
-    if label is None:
-        return ImageStats(
-            class_pixels=pixels.tolist(),
-            class_fraction=fraction,
-            labeled=False,
-            pixel_accuracy=None,
-            mean_iou=None,
-            confusion=None,
-        )
-    mat = confusion_counts(label, mask, num_classes)
-    m = compute_metrics(mat)
+    mat = confusion_counts(label, mask, num_classes) if label is not None else None
+    m = compute_metrics(mat) if mat is not None else {}
     return ImageStats(
         class_pixels=pixels.tolist(),
-        class_fraction=fraction,
-        labeled=True,
-        pixel_accuracy=_finite(m["pixel_accuracy"]),
-        mean_iou=_finite(m["mean_iou"]),
-        confusion=sparse_confusion(mat),
+        class_fraction=(pixels / max(mask.size, 1)).astype(np.float32).tolist(),
+        labeled=mat is not None,
+        pixel_accuracy=_finite(m.get("pixel_accuracy")),
+        mean_iou=_finite(m.get("mean_iou")),
+        confusion=sparse_confusion(mat) if mat is not None else None,
     )
 
 
-def _finite(v: float) -> float | None:
-    return None if np.isnan(v) else v
+def _finite(v: float | None) -> float | None:
+    return None if v is None or np.isnan(v) else v

@@ -13,8 +13,7 @@ from PIL import Image
 
 from pipeline.config import InputConfig
 from pipeline.devtools.local_s3 import LocalS3
-from pipeline.outputs import ImageRow, reduce_confusion, stats_path, write_stats
-from pipeline.outputs.tables import REDUCE_COLUMNS, read_tables
+from pipeline.outputs import ImageRow, reduce_parts, stats_path, write_stats
 from pipeline.sources.layout import InputSource
 from pipeline.stats import image_stats
 
@@ -89,7 +88,7 @@ def measure(work: Path, sizes: tuple[int, ...] = (2500, 5000, 10000), rows_per_p
             plan_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "shards": len(shards)})
             parts = [stats_path(f"bench/reduce-{n}", f"shard-{i:06d}") for i in range(n)]
             start = time.perf_counter()
-            mat, counts = reduce_confusion(read_tables(s3.fs(), parts, REDUCE_COLUMNS), NUM_CLASSES)
+            mat, counts = reduce_parts(s3.fs(), parts, NUM_CLASSES)
             reduce_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "images": counts.images})
             if counts.images != n * rows_per_part or mat.sum() != n * rows_per_part * 64 * 64:
                 raise RuntimeError(f"the reduce over {n} parts missed rows: {counts}")

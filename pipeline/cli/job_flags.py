@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from pipeline.config import plain_type
+from pipeline.config import plain_type, section_schema
 
 # The URI fields keep their short flags too: --input, --output, --labels, --checkpoint.
 SHORT = {"input_uri": "--input", "output_uri": "--output", "labels_uri": "--labels", "checkpoint_uri": "--checkpoint"}
@@ -34,9 +34,9 @@ def add_config_flags(parser: argparse.ArgumentParser, schema: type[BaseModel]) -
 def leaf_fields(schema: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     """``(path, FieldInfo)`` of every field, descending into sections (fields typed as a model)."""
     for name, info in schema.model_fields.items():
-        kind = info.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            yield from leaf_fields(kind, (*prefix, name))
+        section = section_schema(schema, name)
+        if section is not None:
+            yield from leaf_fields(section, (*prefix, name))
         else:
             yield (*prefix, name), info
 

@@ -11,11 +11,20 @@ evaluations/<name>/           re-evaluations of the run's masks (see pipeline.ev
 
 - ``paths``: where each file lies;
 - ``rows``: the typed rows (``ImageRow``, ``EvaluationRow``) and the Arrow schemas derived from them;
-- ``tables``: the one Parquet writer, the committed-part checks, the one confusion reduce;
+- ``tables``: the one Parquet writer, the run id a part carries, the one confusion reduce;
 - ``manifest``: the typed manifest, its one builder and one reader, and JSON writing.
 """
 
-from pipeline.outputs.manifest import Manifest, ModelInfo, RunCounts, ShardEntry, Timings, read_manifest, write_json
+from pipeline.outputs.manifest import (
+    Manifest,
+    ModelInfo,
+    RunCounts,
+    ShardEntry,
+    Timings,
+    build_manifest,
+    read_manifest,
+    write_json,
+)
 from pipeline.outputs.paths import (
     CONFUSION,
     EVALUATIONS,
@@ -26,14 +35,16 @@ from pipeline.outputs.paths import (
     stats_path,
     unsafe_image_id,
 )
-from pipeline.outputs.rows import EVALUATION_SCHEMA, STATS_SCHEMA, EvaluationRow, ImageRow
+from pipeline.outputs.rows import EVALUATION_SCHEMA, STATS_SCHEMA, EvaluationRow, ImageRow, to_table
 from pipeline.outputs.tables import (
     RowCounts,
     committed_run_id,
+    read_tables,
     reduce_confusion,
+    reduce_parts,
     write_confusion,
-    write_rows,
     write_stats,
+    write_table,
 )
 
 __all__ = [
@@ -51,15 +62,19 @@ __all__ = [
     "RunCounts",
     "ShardEntry",
     "Timings",
+    "build_manifest",
     "committed_parts",
     "committed_run_id",
     "mask_path",
     "read_manifest",
+    "read_tables",
     "reduce_confusion",
+    "reduce_parts",
     "stats_path",
+    "to_table",
     "unsafe_image_id",
     "write_confusion",
     "write_json",
-    "write_rows",
     "write_stats",
+    "write_table",
 ]

@@ -17,7 +17,6 @@ from pipeline.metrics import ConfusionMatrix
 from pipeline.outputs.rows import ImageRow, to_table
 
 RUN_ID_KEY = b"segpipe.run_id"
-REDUCE_COLUMNS = ["confusion", "labeled", "error"]
 _REDUCE_FETCH = 32  # files the reduce fetches at once (a stats part is KBs to a few MB)
 
 
@@ -26,10 +25,6 @@ def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> No
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes(fs, path, buf.getvalue())
-
-
-def write_rows(fs: fsspec.AbstractFileSystem, path: str, rows: list, row_type: type) -> None:
-    write_table(fs, path, to_table(rows, row_type))
 
 
 def write_stats(fs: fsspec.AbstractFileSystem, path: str, rows: list[ImageRow], run_id: str) -> None:
@@ -75,6 +70,11 @@ def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.n
         if len(cells):
             total.update_sparse(cells.field("gt"), cells.field("pred"), cells.field("count"))
     return total.mat, counts
+
+
+def reduce_parts(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes: int) -> tuple[np.ndarray, RowCounts]:
+    """``reduce_confusion`` over the stats parts at ``paths``, reading only the columns it needs."""
+    return reduce_confusion(read_tables(fs, paths, ["confusion", "labeled", "error"]), num_classes)
 
 
 def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> Iterator[pa.Table]:
