@@ -30,15 +30,25 @@ DEFINITIONS = {
 }
 
 
+BLOCK_PIXELS = 4_000_000
+"""Pixels counted at a time: the int64 indices of a block, never of a whole (possibly 400 Mpx) label."""
+
+
 def confusion_counts(
     gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> np.ndarray:
     """The [C, C] int64 confusion matrix of one label/prediction pair (bincount, as torchvision does)."""
     gt = np.asarray(gt).reshape(-1)
     pred = np.asarray(pred).reshape(-1)
-    keep = gt != ignore_index
-    idx = gt[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    if gt.size != pred.size:
+        raise ValueError(f"label has {gt.size} pixels but the prediction {pred.size}")
+    counts = np.zeros(num_classes * num_classes, np.int64)
+    for start in range(0, gt.size, BLOCK_PIXELS):
+        g, p = gt[start : start + BLOCK_PIXELS], pred[start : start + BLOCK_PIXELS]
+        keep = g != ignore_index
+        idx = g[keep].astype(np.int64) * num_classes + p[keep].astype(np.int64)
+        counts += np.bincount(idx, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
 
 
 class ConfusionMatrix:

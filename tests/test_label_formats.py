@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import pipeline.images  # noqa: F401  (turns Pillow's own pixel limit off, as in the pipeline)
 from pipeline.config import LabelsConfig
 from pipeline.errors import ConfigError
 from pipeline.labels import (
@@ -110,6 +113,28 @@ def test_binary_other_values_rejected():
     Image.new("RGB", (3, 1)).save(rgb, "PNG")
     with pytest.raises(LabelError, match="mode RGB"):
         fmt(format="binary").to_mask(rgb.getvalue(), 1, 3)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """An L PNG that claims width x height but stops at the start of its pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))[:6])
+
+
+@pytest.mark.parametrize("format", ["index_png", "binary", "cityscapes"])
+def test_label_size_is_checked_from_the_header_before_decoding(format):
+    f = fmt(format=format)
+    # a huge label is refused from its header (its pixel data is not even there: decoding would fail otherwise)
+    with pytest.raises(LabelError, match="label is 20000x20000 but the image is 3x2"):
+        f.to_mask(png_header(20000, 20000), 2, 3)
+    with pytest.raises(LabelError, match="cannot decode label"):
+        f.to_mask(png_header(3, 2), 2, 3)
+    with pytest.raises(LabelError, match="cannot decode label"):
+        f.to_mask(b"not a png", 2, 3)
 
 
 # --- Cityscapes -------------------------------------------------------------------------------------------------

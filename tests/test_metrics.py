@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import metrics
 from pipeline.metrics import ConfusionMatrix, compute_metrics, confusion_counts
 from pipeline.stats import sparse_confusion
 
@@ -104,6 +105,20 @@ def test_confusion_counts_hand_example():
     pred = np.array([[0, 2, 1], [2, 0, 1]], np.uint8)
     expected = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 1]])
     assert np.array_equal(confusion_counts(gt, pred, 3), expected)
+
+
+def test_confusion_counts_in_blocks_equals_one_bincount(monkeypatch):
+    monkeypatch.setattr(metrics, "BLOCK_PIXELS", 1000)  # 5141 pixels: 6 blocks, the last one partial
+    rng = np.random.default_rng(7)
+    c = 5
+    gt = rng.integers(0, c, (97, 53)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.2] = 255
+    pred = rng.integers(0, c, gt.shape).astype(np.uint8)
+    keep = gt != 255
+    expected = np.bincount(gt[keep].astype(np.int64) * c + pred[keep], minlength=c * c).reshape(c, c)
+    assert np.array_equal(confusion_counts(gt, pred, c), expected)
+    with pytest.raises(ValueError, match="pixels"):
+        confusion_counts(gt, pred[:-1], c)
 
 
 def _torchvision_reference(h: torch.Tensor):

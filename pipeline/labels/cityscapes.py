@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.labels.base import LabelError, LabelFormat, check_size
-from pipeline.labels.index_png import decode_label
+from pipeline.labels.index_png import check_header_size, decode_label
 from pipeline.labels.registry import register_label_format
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ class CityscapesFormat(LabelFormat):
         return cityscapes_label_path(image_rel)
 
     def to_mask(self, payload: bytes, height: int, width: int) -> np.ndarray:
+        check_header_size(payload, height, width)
         mask = decode_label(payload)
         check_size(*mask.shape, height, width)
         return label_ids_to_train_ids(mask)

@@ -25,6 +25,17 @@ def label_path_for(rel_image_path: str) -> str:
     return f"{posixpath.splitext(rel_image_path)[0]}.png"
 
 
+def check_header_size(data: bytes, height: int, width: int) -> None:
+    """Raise LabelError when the label's header gives another size than the image's, before any pixel is
+    decoded: Pillow's own pixel limit is off (see pipeline.images), so this keeps a huge label from being loaded."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            label_width, label_height = img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise LabelError(f"cannot decode label: {e}") from e
+    check_size(label_height, label_width, height, width)
+
+
 def decode_label(data: bytes) -> np.ndarray:
     """Decode an index PNG (mode P or L) to its values."""
     try:
@@ -98,6 +109,7 @@ class IndexPngFormat(LabelFormat):
         return label_path_for(image_rel)
 
     def to_mask(self, payload: bytes, height: int, width: int) -> np.ndarray:
+        check_header_size(payload, height, width)
         mask = decode_label(payload)
         check_size(*mask.shape, height, width)
         if self.mapping is not None:
@@ -122,6 +134,7 @@ class BinaryFormat(LabelFormat):
         return label_path_for(image_rel)
 
     def to_mask(self, payload: bytes, height: int, width: int) -> np.ndarray:
+        check_header_size(payload, height, width)
         mask = decode_binary(payload)
         check_size(*mask.shape, height, width)
         return apply_mapping(mask, self.mapping)
