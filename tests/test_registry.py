@@ -1,12 +1,27 @@
-"""The model registry and unet_tiny's any-size forward pass."""
+"""The model registry, its plugins (entry points; the test plugin segpipe-faults) and unet_tiny's any-size
+forward pass."""
 
 from __future__ import annotations
+
+import builtins
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.models import get_model, list_models, register_model
+from pipeline.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.registry import MODELS
 from pipeline.models.unet_tiny import UNetTiny
+from pipeline.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGINS = REPO / "tests" / "plugins"
 
 
 def test_list_models():
@@ -53,3 +68,137 @@ def test_unet_tiny_default_classes():
     model = get_model("unet_tiny", width=4).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+# The test plugin segpipe-faults (tests/plugins, on sys.path by conftest): models from entry points.
+
+MAGENTA = (255, 0, 255)
+
+
+def _normalised(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W], normalised with ImageNet's mean and std as the pipeline does."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (rgb.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def _magenta(n: int = 1, h: int = 8, w: int = 8) -> torch.Tensor:
+    return _normalised(torch.tensor(MAGENTA, dtype=torch.uint8).expand(n, h, w, 3))
+
+
+def test_plugin_model_is_listed_and_built():
+    assert "faults_1x1" in list_models()
+    assert MODELS.origin("faults_1x1") == "segpipe-faults"
+    assert MODELS.origin("unet_tiny") == "built-in"
+    model = get_model("faults_1x1", num_classes=3)
+    assert model.stride == 1
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 5, 7)).shape == (2, 3, 5, 7)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 97, 131), (2, 3, 64, 80), (1, 3, 1, 17)])
+def test_plugin_model_is_exactly_flip_equivariant(shape):
+    torch.manual_seed(0)
+    model = get_model("faults_1x1", num_classes=4).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(model(x.flip(-1)), model(x).flip(-1))
+
+
+def test_plugin_model_raises_on_poison_only():
+    torch.manual_seed(0)
+    model = get_model("faults_1x1", num_classes=2, on_poison="raise").eval()
+    noise = _normalised(torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8))
+    with torch.no_grad():
+        model(noise)
+        with pytest.raises(RuntimeError, match="poisoned input"):
+            model(_magenta())
+        with pytest.raises(RuntimeError, match="poisoned input"):
+            model(torch.cat([noise, _magenta(1, 16, 16)]))  # one poisoned sample poisons the batch
+        half = _magenta(1, 16, 16)
+        half[..., :8] = noise[:1, ..., :8]
+        model(half)  # exactly half magenta: not "more than half"
+
+
+def test_plugin_model_kill_really_kills():
+    code = f"""
+import torch
+from pipeline.models import get_model
+x = torch.tensor({MAGENTA}, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 8, 8) / 255
+x = (x - torch.tensor({IMAGENET_MEAN}).view(1, 3, 1, 1)) / torch.tensor({IMAGENET_STD}).view(1, 3, 1, 1)
+get_model("faults_1x1", num_classes=2, on_poison="kill")(x)
+print("survived")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(REPO)])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert "survived" not in r.stdout
+
+
+def _dist(site: Path, name: str, group: str, entry_points: dict[str, str]) -> None:
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = [f"[{group}]", *(f"{k} = {v}" for k, v in entry_points.items())]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_a_broken_plugin_is_logged_and_skipped(tmp_path, monkeypatch, caplog):
+    group = "segpipe.test.plugins"
+    (tmp_path / "good_plugin.py").write_text("def good():\n    return 'good'\n")
+    (tmp_path / "bad_plugin.py").write_text("raise ImportError('this plugin is broken')\n")
+    _dist(tmp_path, "good-dist", group, {"good": "good_plugin:good"})
+    _dist(tmp_path, "bad-dist", group, {"bad": "bad_plugin:bad", "builtin": "good_plugin:good"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry("thing", "things", entry_point_group=group)
+    builtin = registry.register("builtin")(lambda: "built-in")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.registry"):
+        assert registry.names() == ["builtin", "good"]
+    assert registry.get("good")() == "good"
+    assert registry.origin("good") == "good-dist"
+    assert registry.get("builtin") is builtin and registry.origin("builtin") == "built-in"
+
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'bad' (bad_plugin:bad from bad-dist)" in messages and "this plugin is broken" in messages
+    assert "'builtin' (good_plugin:good from bad-dist)" in messages and "taken by a built-in" in messages
+    assert set(registry.failures) == {"bad", "builtin"}
+    assert "ImportError: this plugin is broken" in registry.failures["bad"]
+
+    caplog.clear()
+    with pytest.raises(ValueError, match="unknown thing 'nope'; registered things: builtin, good"):
+        registry.get("nope")
+    assert not caplog.records  # loaded once
+
+
+def test_plugins_are_loaded_lazily_and_once(tmp_path, monkeypatch):
+    group = "segpipe.test.lazy"
+    (tmp_path / "counted_plugin.py").write_text("import builtins\nbuiltins.SEGPIPE_LOADS += 1\nx = 1\n")
+    _dist(tmp_path, "counted", group, {"x": "counted_plugin:x"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(builtins, "SEGPIPE_LOADS", 0, raising=False)
+    registry = Registry("thing", "things", entry_point_group=group)
+    registry.add("a", 0)
+    assert registry.get("a") == 0 and builtins.SEGPIPE_LOADS == 0  # a hit loads nothing
+    assert registry.get("x") == 1 and builtins.SEGPIPE_LOADS == 1
+    registry.names()
+    assert builtins.SEGPIPE_LOADS == 1
+
+
+def test_segpipe_models_lists_the_plugin_with_its_package(monkeypatch, capsys):
+    from pipeline.cli.main import main
+    from pipeline.models import profile
+
+    def measured(name, size, seconds):  # profiling every model would take a quarter of a minute
+        return {"model": name, "parameters": 1, "gflops": 0.0, "cpu_images_per_s": 1.0, "torch_threads": 1}
+
+    monkeypatch.setattr(profile, "profile", measured)
+    monkeypatch.setattr(MODELS, "failures", {"broken_net": "nowhere:net from broken-dist: ImportError: gone"})
+    assert main(["models", "--size", "16", "--seconds", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| `")
+    }
+    assert rows["`faults_1x1`"] == "segpipe-faults"
+    assert rows["`unet_tiny`"] == "built-in"
+    assert "broken plugin `broken_net`: nowhere:net from broken-dist: ImportError: gone" in out

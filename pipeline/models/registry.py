@@ -1,4 +1,9 @@
-"""Model registry in torchvision's style: register by decorator, build by name."""
+"""Model registry in torchvision's style: register by decorator, build by name. Other packages add models as
+plugins, by entry points of the group ``segpipe.models`` (name = builder), e.g. in their pyproject.toml::
+
+    [project.entry-points."segpipe.models"]
+    my_net = "my_package.models:my_net"
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from torch import nn
 
 from pipeline.registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "models")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "models", entry_point_group="segpipe.models")
 register_model = MODELS.register
 list_models = MODELS.names
 
