@@ -183,6 +183,54 @@ class LabelsConfig(BaseModel):
         return self
 
 
+class TTAConfig(BaseModel):
+    """Test-time augmentation: every flip at every scale, probabilities averaged. The plain view (no flip,
+    scale 1) is always one of them; ``flips: []`` and ``scales: [1.0]`` (the defaults) turn TTA off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flips: list[Literal["horizontal", "vertical", "both"]] = Field(
+        default_factory=list, description="flips added to the plain view: horizontal, vertical, both"
+    )
+    scales: list[Annotated[float, Field(gt=0, le=4)]] = Field(
+        default_factory=lambda: [1.0], min_length=1, description="window scales, e.g. [0.75, 1.0, 1.25]"
+    )
+
+    @field_validator("flips", "scales")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each value once, got {v}")
+        return v
+
+
+class InferenceConfig(BaseModel):
+    """How an image goes through the model: whole, or as overlapping windows merged band by band."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["auto", "whole", "slide"] = Field(
+        "auto", description="auto: whole when the image fits in one tile (after padding), else slide"
+    )
+    tile: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = Field(
+        None, description="window [height, width]; default: the checkpoint's training crop, else 512x512"
+    )
+    overlap: float = Field(0.25, ge=0, lt=1, description="overlap of neighbouring windows, a fraction of the tile")
+    blend: Literal["gaussian", "mean"] = Field(
+        "gaussian", description="window weights: gaussian (centre-weighted, no seams) or mean"
+    )
+    tta: TTAConfig = Field(default_factory=TTAConfig, description="test-time augmentation (off by default)")
+
+    @field_validator("tile", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v, v)
+        if isinstance(v, list | tuple) and len(v) != 2:
+            raise ValueError(f"must be one number or [height, width], got {list(v)}")
+        return v
+
+
 class JobConfig(BaseModel):
     """Everything one segmentation job needs. Field names are the YAML keys and the flow's parameters."""
 
@@ -209,7 +257,7 @@ class JobConfig(BaseModel):
     cpus_per_actor: float | None = Field(
         None, gt=0, description="CPUs each actor reserves, also its torch threads; default the cluster's CPUs // actors"
     )
-    batch_size: int = Field(8, ge=1, description="images per forward pass (same-size images only)")
+    batch_size: int = Field(8, ge=1, description="windows (or whole images) per forward pass, of one size each")
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
     channels_last: bool = Field(True, description="NHWC tensors: faster convolutions with oneDNN (CPU) and cuDNN")
@@ -217,6 +265,13 @@ class JobConfig(BaseModel):
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")
     shard_retries: int = Field(2, ge=0, le=10, description="reruns of a shard that failed (e.g. a storage outage)")
     ray_address: str | None = Field(None, description="Ray cluster to join; default: RAY_ADDRESS or a local Ray")
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="larger images (width x height, read from the header before decoding) become error rows; "
+        "default: what each actor's memory can decode, memory / 16 bytes",
+    )
+    inference: InferenceConfig = Field(default_factory=InferenceConfig, description="whole or sliding windows, TTA")
     input: InputConfig = Field(default_factory=InputConfig, description="input layout")
     labels: LabelsConfig = Field(default_factory=LabelsConfig, description="label format")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError, SegpipeError
+from pipeline.inference.plan import plan_inference
 from pipeline.labels import get_label_format
 from pipeline.metrics import metrics_report
 from pipeline.models.checkpoint import ModelMeta
@@ -176,6 +177,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         done={s.shard_id: s.images for s in summaries},
         counts=counts,
         timings=timings,
+        inference=plan_inference(cfg.inference, meta).describe(),
     )
     write_json(fs, storage.join(root, MANIFEST), manifest.to_json())
     log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))

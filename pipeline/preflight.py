@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError
+from pipeline.inference.predictor import resolve_device
 from pipeline.labels import LabelError, get_label_format
 from pipeline.labels.reader import load_label_format
 from pipeline.models.checkpoint import ModelMeta, load_checkpoint, read_checkpoint, sha256_hex
-from pipeline.predictor import resolve_device
 
 log = logging.getLogger(__name__)
 

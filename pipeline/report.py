@@ -9,12 +9,18 @@ def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.2f}%"
 
 
+def _errors(counts) -> str:
+    """``3 errors`` and, when there are any, how many of each kind: ``(model 1, process_died 1, too_large 1)``."""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in counts.error_kinds.items())
+    return f"{counts.errors} errors" + (f" ({kinds})" if kinds else "")
+
+
 def format_summary(manifest: Manifest, metrics: dict) -> str:
     counts, timings = manifest.counts, manifest.timings
     ips = timings.images_per_second
     lines = [
         f"run {manifest.run_id}  model {manifest.model.name}  ->  {manifest.config['output_uri']}",
-        f"images {counts.images}  errors {counts.errors}  labeled {counts.labeled}  "
+        f"images {counts.images}  {_errors(counts)}  labeled {counts.labeled}  "
         f"shards {counts.shards} ({counts.shards_skipped} skipped, committed earlier)",
         f"throughput {ips if ips is not None else 'n/a'} images/s  "
         f"(plan {timings.plan_seconds}s, infer {timings.infer_seconds}s, reduce {timings.reduce_seconds}s)",
@@ -51,7 +57,7 @@ def summary_markdown(manifest: Manifest, metrics: dict) -> str:
         f"- **input**: `{config['input_uri']}` ({config['input']['layout']})",
         f"- **model**: `{model.name}` ({len(model.class_names)} classes), checkpoint `{model.checkpoint_uri}` "
         f"(sha256 `{model.checkpoint_sha256[:12]}`)",
-        f"- **images**: {counts.images} ({counts.errors} errors, {counts.labeled} labeled)",
+        f"- **images**: {counts.images} ({_errors(counts)}, {counts.labeled} labeled)",
         f"- **shards**: {counts.shards} ({counts.shards_skipped} skipped, committed earlier)",
         f"- **throughput**: {ips if ips is not None else 'n/a'} images/s; plan {timings.plan_seconds} s, "
         f"infer {timings.infer_seconds} s, reduce {timings.reduce_seconds} s",

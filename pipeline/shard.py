@@ -5,9 +5,14 @@
 Ray layer only wraps it in an actor. A shard is committed when its stats part
 exists: every mask it names was written before it.
 
-Work flows in chunks of a few batches: while the model runs on one chunk, the
-source keeps reading the next in the background, and two shards may run at once
-on one processor (a threaded actor) with the model used by one at a time.
+Work flows in chunks of a few batches (and a bounded number of decoded pixels):
+while the model runs on one chunk, the source keeps reading the next in the
+background, and two shards may run at once on one processor (a threaded actor)
+with the model used by one at a time.
+
+No image fails its shard: one that cannot be read, is too large, makes the model
+raise, or (found by a careful rerun, image by image) kills the process becomes an
+error row with its reason, and the shard's other rows are kept.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import JobConfig
-from pipeline.images import DecodeError, decode_rgb
+from pipeline.images import DecodeError, ImageTooLarge, decode_rgb, default_max_image_pixels, image_pixels
+from pipeline.inference.plan import plan_inference
+from pipeline.inference.predictor import Failure, Prediction, Predictor
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.models.checkpoint import load_checkpoint, read_checkpoint
-from pipeline.outputs import ImageRow, mask_path, stats_path, unsafe_image_id, write_stats
+from pipeline.outputs import ErrorKind, ImageRow, mask_path, stats_path, unsafe_image_id, write_stats
+from pipeline.outputs.progress import clear_segmenting, mark_segmenting
 from pipeline.palette import mask_to_png
-from pipeline.predictor import Predictor
 from pipeline.sources import Sample, Shard
 from pipeline.sources.layout import InputSource
 from pipeline.sources.prefetch import background
 from pipeline.stats import image_stats
 
 log = logging.getLogger(__name__)
+
+PROCESS_DIED = "the model process died while segmenting this image"
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,9 @@ class ShardSummary:
 @dataclass
 class _Prepared:
     sample: Sample
-    image: np.ndarray | None  # decoded RGB, or None with ``error`` set
+    image: np.ndarray | None  # decoded RGB, or None with ``error`` and ``kind`` set
     error: str | None
+    kind: ErrorKind | None = None
     label: object | None = None  # the label's payload (bytes or a COCO entry), not yet converted
     label_uri: str | None = None
     label_error: str | None = None  # the label could not even be found unambiguously
@@ -76,6 +86,7 @@ class ShardProcessor:
             expect_arch=cfg.model,
             sha256=cfg.checkpoint_sha256,
         )
+        self.plan = plan_inference(cfg.inference, self.meta)
         self.predictor = Predictor(
             model,
             self.meta,
@@ -83,6 +94,7 @@ class ShardProcessor:
             batch_size=cfg.batch_size,
             precision=cfg.precision,
             channels_last=cfg.channels_last,
+            plan=self.plan,
         )
         self.model_lock = threading.Lock()  # shards may share this processor; the model runs one batch at a time
         self.palette = self.meta.palette_array()
@@ -92,15 +104,24 @@ class ShardProcessor:
         )
         self.out_fs, self.out_root = cfg.resolve(cfg.output_uri)
         self.pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="segpipe-io")
-        # Enough images per chunk to fill a few batches and keep every IO thread busy.
+        self.max_pixels = cfg.max_image_pixels or default_max_image_pixels()
+        # Enough images per chunk to fill a few batches and keep every IO thread busy, but no more decoded
+        # pixels than that many tiles: a chunk of large images holds one or two of them.
         self.chunk = max(2 * cfg.batch_size, cfg.io_threads)
+        self.chunk_pixels = self.chunk * self.plan.tile[0] * self.plan.tile[1]
 
-    def __call__(self, shard: Shard) -> ShardSummary:
+    def __call__(self, shard: Shard, careful: bool = False, killers: frozenset[str] = frozenset()) -> ShardSummary:
+        """Segment ``shard`` and commit it. ``careful``: image by image, noting each image before it is touched
+        (the rerun of a shard whose process died); ``killers``: images that killed it, now error rows."""
         start = time.perf_counter()
         rows: list[ImageRow] = []
         samples = _checked_ids(background(self.source.read(shard, self.pool), maxsize=self.chunk))
-        for chunk in _chunks(samples, self.chunk):
-            rows.extend(self._process(shard, chunk))
+        if careful:
+            rows = [self._carefully(shard, sample, killers) for sample in samples]
+            clear_segmenting(self.out_fs, self.out_root, shard.shard_id)
+        else:
+            for chunk in _chunks(samples, self.chunk, self.chunk_pixels):
+                rows.extend(self._process(shard, chunk))
         write_stats(self.out_fs, stats_path(self.out_root, shard.shard_id), rows, self.run_id)
         return ShardSummary(
             shard_id=shard.shard_id,
@@ -110,6 +131,12 @@ class ShardProcessor:
             seconds=time.perf_counter() - start,
             node=self.node,
         )
+
+    def _carefully(self, shard: Shard, sample: Sample, killers: frozenset[str]) -> ImageRow:
+        if sample.image_id in killers:
+            return self._row(shard, _Prepared(sample, None, PROCESS_DIED, ErrorKind.PROCESS_DIED), None)
+        mark_segmenting(self.out_fs, self.out_root, shard.shard_id, sample.image_id)
+        return self._process(shard, [sample])[0]
 
     def _process(self, shard: Shard, chunk: list[Sample]) -> list[ImageRow]:
         prepared = list(self.pool.map(self._prepare, chunk))
@@ -122,22 +149,35 @@ class ShardProcessor:
     def _prepare(self, sample: Sample) -> _Prepared:
         """Decode the image and fetch its label's payload (IO threads)."""
         if sample.error is not None:
-            return _Prepared(sample, None, sample.error)
-        image, error = _decode(sample.image)
+            return _Prepared(sample, None, sample.error, ErrorKind.INPUT)
+        image, error, kind = self._decode(sample.image)
         if image is None:
-            return _Prepared(sample, None, error)
+            return _Prepared(sample, None, error, kind)
         try:
-            return _Prepared(sample, image, None, *self.labels.fetch(sample))
+            return _Prepared(sample, image, None, None, *self.labels.fetch(sample))
         except LabelError as e:
             return _Prepared(sample, image, None, label_error=f"label: {e}")
 
-    def _row(self, shard: Shard, p: _Prepared, pred) -> ImageRow:
+    def _decode(self, data: bytes | None) -> tuple[np.ndarray | None, str | None, ErrorKind | None]:
+        if data is None:
+            return None, "missing file: the image was listed but could not be read", ErrorKind.INPUT
+        try:
+            return decode_rgb(data, self.max_pixels), None, None
+        except ImageTooLarge as e:
+            return None, str(e), ErrorKind.TOO_LARGE
+        except DecodeError as e:
+            return None, str(e), ErrorKind.INPUT
+
+    def _row(self, shard: Shard, p: _Prepared, pred: Prediction | Failure | None) -> ImageRow:
         """Convert and check the label, write the mask, and build the image's stats row."""
         sample = p.sample
         ids = {"run_id": self.run_id, "image_id": sample.image_id, "source_uri": sample.source_uri}
         ids |= {"shard_id": shard.shard_id, "model": self.cfg.model}
-        if pred is None:  # the image itself could not be read or decoded
-            return ImageRow.failed(**ids, error=p.error)
+        if isinstance(pred, Failure):
+            log.warning("shard %s, image %s: %s", shard.shard_id, sample.image_id, pred.reason)
+            return ImageRow.failed(**ids, error=pred.reason, error_kind=ErrorKind.MODEL)
+        if pred is None:  # the image itself could not be read, decoded or segmented
+            return ImageRow.failed(**ids, error=p.error, error_kind=p.kind)
         h, w = pred.mask.shape
         label, label_error = None, p.label_error
         if p.label is not None:
@@ -157,6 +197,7 @@ class ShardProcessor:
             mean_confidence=pred.mean_confidence,
             label_uri=p.label_uri,
             error=label_error,
+            error_kind=ErrorKind.LABEL if label_error else None,
         )
 
 
@@ -167,15 +208,6 @@ def _ray_node_id() -> str:
     if ray is None or not ray.is_initialized():
         return "local"
     return ray.get_runtime_context().get_node_id()
-
-
-def _decode(data: bytes | None) -> tuple[np.ndarray | None, str | None]:
-    if data is None:
-        return None, "missing file: the image was listed but could not be read"
-    try:
-        return decode_rgb(data), None
-    except DecodeError as e:
-        return None, str(e)
 
 
 def _checked_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
@@ -190,12 +222,17 @@ def _checked_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
         yield sample if reason is None else replace(sample, image=None, label=None, error=reason)
 
 
-def _chunks(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+def _chunks(samples: Iterable[Sample], size: int, pixels: int) -> Iterator[list[Sample]]:
+    """Groups of at most ``size`` samples and (unless one alone is larger) ``pixels`` pixels, read from the
+    images' headers, so that a chunk of large images does not decode them all at once."""
     chunk: list[Sample] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
+    held = 0
+    for sample in samples:
+        n = (image_pixels(sample.image) or 0) if sample.image is not None else 0
+        if chunk and (len(chunk) == size or held + n > pixels):
             yield chunk
-            chunk = []
+            chunk, held = [], 0
+        chunk.append(sample)
+        held += n
     if chunk:
         yield chunk

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,16 +19,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.config import DataConfig, TrainConfig
+from pipeline.config import DataConfig, InferenceConfig, TrainConfig
 from pipeline.errors import InputError
 from pipeline.images import DecodeError, decode_rgb
+from pipeline.inference.plan import plan_inference
+from pipeline.inference.predictor import Failure, Predictor, resolve_device
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models import get_model
 from pipeline.models.checkpoint import ModelMeta, default_meta, load_checkpoint, read_checkpoint, save_checkpoint
 from pipeline.palette import IGNORE_INDEX
-from pipeline.predictor import Predictor, resolve_device
 from pipeline.sources.layout import InputSource
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ def evaluate(predictor: Predictor, pairs: list[Pair]) -> dict:
     for start in range(0, len(pairs), 32):
         chunk = pairs[start : start + 32]
         for (_, lbl), pred in zip(chunk, predictor.predict([img for img, _ in chunk]), strict=True):
+            if isinstance(pred, Failure):
+                raise InputError(f"validation: {pred.reason}")
             cm.update(lbl, pred.mask)
     return cm.compute()
 
@@ -118,7 +122,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
-    meta = default_meta(cfg.model, cfg.class_names)
+    meta = replace(default_meta(cfg.model, cfg.class_names), train_crop=(cfg.crop, cfg.crop))
     train_pairs = load_labeled(cfg, cfg.train, meta.num_classes)
     val_pairs = load_labeled(cfg, cfg.val, meta.num_classes)
     model = get_model(cfg.model, num_classes=meta.num_classes)
@@ -145,7 +149,9 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         # The Predictor changes the module in place: its memory format (keep the one training runs in) and, on
         # CPU, the inference path of its convolutions, which training with gradients does not take.
-        predictor = Predictor(model, meta, device=str(device), batch_size=8, channels_last=False)
+        # Whole images, as validation always measured them: epochs stay comparable with earlier trainings.
+        whole = plan_inference(InferenceConfig(mode="whole"), meta)
+        predictor = Predictor(model, meta, device=str(device), batch_size=8, channels_last=False, plan=whole)
         metrics = evaluate(predictor, val_pairs)
         history.append({"epoch": epoch + 1, "loss": float(loss.item()), "val_mean_iou": metrics["mean_iou"]})
         per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(cfg.class_names, metrics["per_class"]["iou"], strict=True))

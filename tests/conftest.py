@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = REPO / "pipeline" / "models" / "weights" / "unet_tiny_shapes.pt"
 
+# The test plugin (tests/plugins: segpipe_faults.py and its dist-info, whose entry point registers the model
+# faults_1x1) is found by importlib.metadata on sys.path, with no pip install. PYTHONPATH too, and now, at import:
+# the Ray workers and subprocesses that the tests start later inherit it and load the plugin as the tests do.
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
@@ -29,6 +37,20 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     return CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """A small random U-Net (3 classes) whose argmax is not one class everywhere."""
+    import torch
+
+    from pipeline.models import get_model
+
+    torch.manual_seed(1)
+    m = get_model("unet_tiny", num_classes=3, width=8).eval()
+    with torch.no_grad():
+        m.head.bias.zero_()
+    return m
 
 
 @pytest.fixture(scope="session")

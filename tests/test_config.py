@@ -193,3 +193,33 @@ def test_actors_and_their_resources_from_the_cluster(fields, resources, pending,
     plan = plan_actors(JobConfig(**BASE, **fields), resources, pending)
     assert (plan.actors, plan.cpus, plan.gpus) == expected
     assert plan.torch_threads == max(1, int(expected[1]))
+
+
+@pytest.mark.parametrize(
+    ("inference", "field"),
+    [
+        ({"mode": "tiles"}, "inference.mode"),
+        ({"tile": [512]}, "inference.tile"),
+        ({"tile": [4, 512]}, "inference.tile.0"),
+        ({"overlap": 1.0}, "inference.overlap"),
+        ({"blend": "max"}, "inference.blend"),
+        ({"tta": {"flips": ["diagonal"]}}, "inference.tta.flips.0"),
+        ({"tta": {"scales": [1.0, 1.0]}}, "inference.tta.scales"),
+        ({"tta": {"scales": []}}, "inference.tta.scales"),
+        ({"stride": 4}, "inference.stride"),
+    ],
+)
+def test_a_bad_inference_setting_names_its_field(tmp_path, inference, field):
+    with pytest.raises(ConfigError) as ei:
+        load_config(_write(tmp_path, BASE), inference=inference)
+    assert f"  {field}: " in str(ei.value)
+
+
+def test_inference_settings_merge_with_the_file_and_a_single_tile_number_is_square(tmp_path):
+    path = _write(tmp_path, BASE | {"inference": {"mode": "slide", "overlap": 0.5}, "max_image_pixels": 10**9})
+    cfg = load_config(path, inference={"tile": 256, "tta": {"flips": ["horizontal"]}})
+    assert (cfg.inference.mode, cfg.inference.overlap, cfg.inference.tile) == ("slide", 0.5, (256, 256))
+    assert cfg.inference.tta.flips == ["horizontal"] and cfg.inference.tta.scales == [1.0]
+    assert cfg.max_image_pixels == 10**9
+    with pytest.raises(ConfigError, match="max_image_pixels"):
+        load_config(path, max_image_pixels=0)

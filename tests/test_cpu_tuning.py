@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from pipeline.cpu_tuning import OneDNNConv2d, route_convs_to_onednn
+from pipeline.inference.predictor import Predictor
 from pipeline.models import get_model
 from pipeline.models.checkpoint import default_meta
-from pipeline.predictor import Predictor
 
 CONVS = {
     "1x1": dict(in_channels=16, out_channels=24, kernel_size=1),

@@ -71,7 +71,14 @@ def test_every_output_exists_with_the_documented_schema(first_run, dataset):
     out, result = first_run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["counts"] == {"images": 24, "errors": 0, "labeled": 24, "shards": 3, "shards_skipped": 0}
+    assert manifest["counts"] == {
+        "images": 24,
+        "errors": 0,
+        "labeled": 24,
+        "shards": 3,
+        "shards_skipped": 0,
+        "error_kinds": {},
+    }
     assert len(manifest["model"]["checkpoint_sha256"]) == 64
     assert manifest["model"]["class_names"] == ["background", "circle", "rectangle", "triangle", "star"]
     table = read_stats(out)
@@ -234,4 +241,44 @@ def test_bad_files_become_error_rows_and_the_run_completes(
     assert "[17]" in ids_row["error"]
     assert result["manifest"]["status"] == "complete"
     assert result["manifest"]["counts"]["errors"] == 5
+    assert result["manifest"]["counts"]["error_kinds"] == {"input": 3, "label": 2}
     assert result["metrics"]["labeled_images"] == 22
+
+
+SLIDE = {"mode": "slide", "tile": [96, 96], "overlap": 0.25}  # every image of the dataset (128-192 px) slides
+
+
+@pytest.fixture(scope="module")
+def slide_run(dataset, checkpoint, tmp_path_factory, ray_local, prefect_ephemeral):
+    out = tmp_path_factory.mktemp("slide") / "out"
+    return out, run_flow(**first_run_params(dataset, checkpoint, out), inference=SLIDE)
+
+
+def test_slide_mode_masks_are_the_predictors_and_still_segment(slide_run, dataset, checkpoint):
+    from pipeline.config import InferenceConfig
+    from pipeline.inference.plan import plan_inference
+    from pipeline.inference.predictor import Predictor
+
+    out, result = slide_run
+    assert result["manifest"]["inference"] == {**SLIDE, "blend": "gaussian", "tta": ["plain@1"]}
+    assert result["metrics"]["mean_iou"] >= 0.8
+    model, meta = load_checkpoint(checkpoint.read_bytes(), str(checkpoint))
+    alone = Predictor(model, meta, device="cpu", batch_size=1, plan=plan_inference(InferenceConfig(**SLIDE), meta))
+    for row in read_stats(out).to_pylist()[:6]:
+        image = decode_rgb((dataset / "images" / row["image_id"]).read_bytes())
+        written = png_to_mask((out / "masks" / f"{row['image_id']}.png").read_bytes())
+        reference = alone.predict([image])[0]
+        assert np.array_equal(written, reference.mask)
+        assert row["mean_confidence"] == pytest.approx(reference.mean_confidence, rel=1e-6)
+
+
+def test_slide_mode_metrics_do_not_depend_on_shards_batches_or_actors(slide_run, dataset, checkpoint, tmp_path):
+    out, _ = slide_run
+    params = first_run_params(dataset, checkpoint, tmp_path / "out") | dict(shard_size=5, actors=1, batch_size=3)
+    run_flow(**params, inference=SLIDE)
+    mine, theirs = (json.loads((o / "metrics.json").read_text()) for o in (out, tmp_path / "out"))
+    assert mine.pop("run_id") != theirs.pop("run_id")
+    assert mine == theirs
+    assert pq.read_table(out / "confusion_matrix.parquet").equals(
+        pq.read_table(tmp_path / "out" / "confusion_matrix.parquet")
+    )

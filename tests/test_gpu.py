@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.inference.predictor import Predictor
 from pipeline.models.checkpoint import load_checkpoint
-from pipeline.predictor import Predictor
 from pipeline.synthetic import generate_sample
 
 pytestmark = [

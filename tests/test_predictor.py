@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from pipeline.models import get_model
+from pipeline.inference.predictor import Prediction, Predictor
 from pipeline.models.checkpoint import ModelMeta
-from pipeline.predictor import Prediction, Predictor
 
 META = ModelMeta(arch="unet_tiny", class_names=("a", "b", "c"), stride=16)
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(1)
-    m = get_model("unet_tiny", num_classes=3, width=8).eval()
-    with torch.no_grad():
-        m.head.bias.zero_()  # so that a random network's argmax is not one class everywhere
-    return m
-
-
-def _images(sizes, seed=0):
+def blocky_images(sizes, seed=0):
     rng = np.random.default_rng(seed)
     out = []
     for h, w in sizes:
@@ -47,24 +36,24 @@ def _check(preds, images, num_classes=3):
         assert 1 / num_classes < p.mean_confidence <= 1.0
 
 
-def test_mixed_sizes(model):
-    images = _images([(50, 70), (64, 64), (50, 70)])
-    preds = Predictor(model, META, device="cpu", batch_size=8).predict(images)
+def test_mixed_sizes(tiny_unet):
+    images = blocky_images([(50, 70), (64, 64), (50, 70)])
+    preds = Predictor(tiny_unet, META, device="cpu", batch_size=8).predict(images)
     _check(preds, images)
     # a random network still predicts more than one class somewhere
     assert len(np.unique(np.concatenate([p.mask.ravel() for p in preds]))) > 1
     # output order follows input order: each equals the prediction of that image alone
-    single = Predictor(model, META, device="cpu", batch_size=1)
+    single = Predictor(tiny_unet, META, device="cpu", batch_size=1)
     for img, p in zip(images, preds, strict=True):
         alone = single.predict([img])[0]
         assert _agree(alone.mask, p.mask) >= 0.9999
         assert alone.mean_confidence == pytest.approx(p.mean_confidence, abs=1e-4)
 
 
-def test_batching_invariance(model):
-    images = _images([(50, 70), (64, 64), (50, 70), (50, 70), (33, 47), (64, 64), (50, 70)], seed=1)
-    a = Predictor(model, META, device="cpu", batch_size=1).predict(images)
-    b = Predictor(model, META, device="cpu", batch_size=8).predict(images)
+def test_batching_invariance(tiny_unet):
+    images = blocky_images([(50, 70), (64, 64), (50, 70), (50, 70), (33, 47), (64, 64), (50, 70)], seed=1)
+    a = Predictor(tiny_unet, META, device="cpu", batch_size=1).predict(images)
+    b = Predictor(tiny_unet, META, device="cpu", batch_size=8).predict(images)
     _check(a, images)
     _check(b, images)
     equal = sum(int((x.mask == y.mask).sum()) for x, y in zip(a, b, strict=True))
@@ -74,10 +63,10 @@ def test_batching_invariance(model):
         assert x.mean_confidence == pytest.approx(y.mean_confidence, abs=1e-4)
 
 
-def test_result_does_not_depend_on_neighbours(model):
-    target = _images([(50, 70)], seed=2)[0]
-    others = _images([(50, 70), (50, 70), (64, 64), (31, 31)], seed=3)
-    pred = Predictor(model, META, device="cpu", batch_size=4)
+def test_result_does_not_depend_on_neighbours(tiny_unet):
+    target = blocky_images([(50, 70)], seed=2)[0]
+    others = blocky_images([(50, 70), (50, 70), (64, 64), (31, 31)], seed=3)
+    pred = Predictor(tiny_unet, META, device="cpu", batch_size=4)
     alone = pred.predict([target])[0]
     lists = [
         [others[0], target],
@@ -94,12 +83,12 @@ def test_result_does_not_depend_on_neighbours(model):
     assert _agree(pred.predict([others[0]])[0].mask, alone.mask) < 0.99
 
 
-def test_resize_policy(model):
+def test_resize_policy(tiny_unet):
     meta = ModelMeta(arch="unet_tiny", class_names=("a", "b", "c"), input_policy="resize", size=(32, 32))
-    images = _images([(50, 70), (64, 64), (17, 90)], seed=4)
-    preds = Predictor(model, meta, device="cpu", batch_size=2).predict(images)
+    images = blocky_images([(50, 70), (64, 64), (17, 90)], seed=4)
+    preds = Predictor(tiny_unet, meta, device="cpu", batch_size=2).predict(images)
     _check(preds, images)
 
 
-def test_empty_list(model):
-    assert Predictor(model, META, device="cpu").predict([]) == []
+def test_empty_list(tiny_unet):
+    assert Predictor(tiny_unet, META, device="cpu").predict([]) == []

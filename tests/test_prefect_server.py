@@ -228,7 +228,14 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
     assert run["state"]["type"] == "COMPLETED", run["state"]
     out = served / "nightly" / when.strftime("%Y-%m-%d")
     first = json.loads((out / "manifest.json").read_text())
-    assert first["counts"] == {"images": 24, "errors": 0, "labeled": 24, "shards": 3, "shards_skipped": 0}
+    assert first["counts"] == {
+        "images": 24,
+        "errors": 0,
+        "labeled": 24,
+        "shards": 3,
+        "shards_skipped": 0,
+        "error_kinds": {},
+    }
 
     # Re-running that date (as after a failure, or by hand) resumes the same output instead of duplicating it.
     body = {"parameters": {"run_date": when.strftime("%Y-%m-%d")}}

@@ -1,4 +1,6 @@
-"""Resume: a run killed mid-way (SIGKILL to its whole process group) and rerun equals an uninterrupted run."""
+"""Resume: a run killed mid-way (SIGKILL to its whole process group) and rerun equals an uninterrupted run.
+The images go through sliding windows (96 px tiles for 128-192 px images): whole images are what every other
+end-to-end test runs, and resuming must not depend on how an image is cut."""
 
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, pr
 
     data = make_dataset(tmp_path / "ds", 120, seed=11)
     common = dict(labels_uri=str(data / "labels"), checkpoint_uri=str(checkpoint), shard_size=4, actors=1)
+    common["inference"] = {"mode": "slide", "tile": [96, 96]}
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--input", str(data / "images"), "--output", str(out),
          "--labels", common["labels_uri"], "--checkpoint", common["checkpoint_uri"], "--shard-size", "4",
-         "--actors", "1"],
+         "--actors", "1", "--inference.mode", "slide", "--inference.tile", "[96, 96]"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:

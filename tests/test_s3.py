@@ -268,7 +268,14 @@ def test_anonymous_access_reads_a_public_bucket(s3_server, public_bucket, bucket
     )
     plan = plan_job(cfg)
     result = finalize_job(plan, run_inline(plan.cfg, plan.run_id, plan.pending), 1.0)
-    assert result["manifest"]["counts"] == {"images": 24, "errors": 0, "labeled": 0, "shards": 2, "shards_skipped": 0}
+    assert result["manifest"]["counts"] == {
+        "images": 24,
+        "errors": 0,
+        "labeled": 0,
+        "shards": 2,
+        "shards_skipped": 0,
+        "error_kinds": {},
+    }
     # The same anonymous client is refused by a private bucket, with the clear message.
     err = preflight_error(tmp_path, checkpoint, f"s3://{bucket}/data/images", str(tmp_path / "o2"), anon)
     assert f"input s3://{bucket}/data/images cannot be read" in str(err)

@@ -81,8 +81,57 @@ def test_a_dead_actors_shard_goes_to_the_front_for_another_live_actor():
     assert s.actor_died(on_0, for_good=False) is SlotAction.PROBE
     assert s.assignments(0.0) == []  # slot 1 is busy, slot 0 restarting
     s.succeeded(on_1)
-    assert sent(s.assignments(0.0)) == [(1, "00000-a")]  # at once, before 00002-a
-    assert s.failures(on_0.shard) == 1
+    (again,) = s.assignments(0.0)
+    assert (again.slot, again.shard.shard_id) == (1, "00000-a")  # at once, before 00002-a
+    assert again.careful and again.killers == frozenset()  # image by image, to find what killed it
+    assert s.failures(on_0.shard) == 0  # a first death is not a failure: the careful rerun decides
+
+
+def test_a_careful_shard_runs_alone_on_its_actor():
+    s = ShardScheduler(make_shards(5), actors=2, per_actor=2, retries=2)
+    dies, _, first, second = s.assignments(0.0)  # slot 0: shards 0 and 1; slot 1: shards 2 and 3
+    s.actor_died(dies, for_good=False)  # slot 0 restarts
+    s.succeeded(first)
+    assert s.assignments(0.0) == []  # slot 1 still runs a shard: the careful one waits, and so does 4
+    s.succeeded(second)
+    (careful,) = s.assignments(0.0)  # slot 1 idle: the careful shard, and nothing beside it
+    assert (careful.slot, careful.shard, careful.careful) == (1, dies.shard, True)
+    s.succeeded(careful)
+    assert sent(s.assignments(0.0)) == [(1, "00004-a")]
+
+
+def test_a_careful_death_that_names_a_new_killer_is_not_a_failure():
+    s = ShardScheduler(make_shards(1), actors=1, per_actor=1, retries=1)
+    (job,) = s.assignments(0.0)
+    s.actor_died(job, for_good=True)
+    s.actor_replaced(0)
+    for killer in ("a.png", "b.png", "c.png"):  # more killers than retries: each one found is progress
+        (job,) = s.assignments(0.0)
+        s.actor_died(job, for_good=True, killer=killer)
+        s.actor_replaced(0)
+    (job,) = s.assignments(0.0)
+    assert job.careful and job.killers == frozenset({"a.png", "b.png", "c.png"})
+    assert s.failures(job.shard) == 0
+    s.succeeded(job)
+    assert s.done
+
+
+def test_careful_deaths_that_find_nothing_new_count_against_the_retries():
+    s = ShardScheduler(make_shards(1), actors=1, per_actor=1, retries=1)
+    (job,) = s.assignments(0.0)
+    s.actor_died(job, for_good=True)  # the first death: careful from now on
+    s.actor_replaced(0)
+    (job,) = s.assignments(0.0)
+    s.actor_died(job, for_good=True, killer="a.png")
+    s.actor_replaced(0)
+    (job,) = s.assignments(0.0)
+    assert job.killers == frozenset({"a.png"})
+    s.actor_died(job, for_good=True, killer="a.png")  # the same image again: no progress
+    s.actor_replaced(0)
+    (job,) = s.assignments(0.0)
+    assert s.failures(job.shard) == 1
+    with pytest.raises(ShardFailed, match="failed 2 times"):
+        s.actor_died(job, for_good=True)  # died outside any image
 
 
 def test_a_restarting_slot_gets_nothing_until_its_actor_is_back():
@@ -92,7 +141,7 @@ def test_a_restarting_slot_gets_nothing_until_its_actor_is_back():
     assert s.actor_died(b, for_good=False) is SlotAction.NONE  # one probe is already out
     assert s.assignments(100.0) == [] and not s.done
     s.actor_back(0, a.generation)
-    assert sent(s.assignments(100.0)) == [(0, "00001-a"), (0, "00000-a")]
+    assert sent(s.assignments(100.0)) == [(0, "00001-a")]  # careful now: one at a time
 
 
 def test_an_actor_dead_for_good_is_replaced_by_the_next_generation():
@@ -101,7 +150,7 @@ def test_an_actor_dead_for_good_is_replaced_by_the_next_generation():
     assert s.actor_died(job, for_good=True) is SlotAction.REPLACE
     s.actor_replaced(0)
     (again,) = s.assignments(0.0)
-    assert (again.slot, again.generation, again.shard) == (0, 1, job.shard)
+    assert (again.slot, again.generation, again.shard, again.careful) == (0, 1, job.shard, True)
     with pytest.raises(ValueError, match="slot 0 is ready"):
         s.actor_replaced(0)  # nothing to replace
 
@@ -123,10 +172,13 @@ def test_retries_are_bounded_per_shard_over_both_kinds_of_failure():
     (other,) = s.assignments(0.0)
     s.actor_died(other, for_good=False)  # another shard's failures do not count against this one
     s.actor_back(0, 0)
-    assert s.assignments(1.0) == [Assignment(0, 0, other.shard)]
-    s.succeeded(Assignment(0, 0, other.shard))
+    assert s.assignments(1.0) == [Assignment(0, 0, other.shard, careful=True)]
+    s.succeeded(Assignment(0, 0, other.shard, careful=True))
     (job,) = s.assignments(2.0)
-    assert s.actor_died(job, for_good=True) is SlotAction.REPLACE
+    assert s.actor_died(job, for_good=True) is SlotAction.REPLACE  # careful from now on, not yet a failure
+    s.actor_replaced(0)
+    (job,) = s.assignments(2.0)
+    s.actor_died(job, for_good=True)  # a careful attempt that died on no image: the second failure
     s.actor_replaced(0)
     (job,) = s.assignments(2.0)
     with pytest.raises(ShardFailed, match="shard 00000-a failed 3 times") as gave_up:
@@ -167,14 +219,13 @@ def test_events_from_a_replaced_actor_leave_the_new_one_alone():
     dies, late = s.assignments(0.0)
     assert s.actor_died(dies, for_good=True) is SlotAction.REPLACE
     s.actor_replaced(0)
-    new = s.assignments(0.0)  # the new actor takes its full share beside the old one's late shard
-    assert [(a.generation, a.shard.shard_id) for a in new] == [(1, "00000-a"), (1, "00002-a")]
+    new = s.assignments(0.0)  # the new actor takes the careful shard (alone) beside the old one's late shard
+    assert [(a.generation, a.shard.shard_id, a.careful) for a in new] == [(1, "00000-a", True)]
     assert s.actor_died(late, for_good=True) is SlotAction.NONE  # the old actor: no second replacement
     s.actor_back(0, 0)  # nor does a stale probe touch the slot
     assert s.probe_failed(0, 0) is SlotAction.NONE
-    assert s.failures(late.shard) == 1  # but the shard's failure counts, and it is redone
     s.succeeded(new[0])
-    assert [(a.generation, a.shard.shard_id) for a in s.assignments(0.0)] == [(1, "00001-a")]
+    assert [(a.generation, a.shard.shard_id, a.careful) for a in s.assignments(0.0)] == [(1, "00001-a", True)]
 
 
 def test_a_success_from_a_replaced_actor_still_counts():

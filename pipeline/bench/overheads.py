@@ -47,6 +47,7 @@ def _stats_part(rng: np.random.Generator, rows: int) -> list[ImageRow]:
                 mean_confidence=0.9,
                 label_uri=None,
                 error=None,
+                error_kind=None,
                 model="bench",
             )
         )

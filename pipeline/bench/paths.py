@@ -56,7 +56,7 @@ def _forward_only(w: Workload, index: int, batches: int, start, spans) -> None:
     import torch
 
     from pipeline.images import decode_rgb
-    from pipeline.predictor import Predictor
+    from pipeline.inference.predictor import Predictor
 
     torch.set_num_threads(max(1, _cpus() // w.actors))
     if w.device != "cpu" and torch.cuda.is_available():
@@ -133,7 +133,7 @@ class _RayDataPredictor:
         import torch
 
         torch.set_num_threads(max(1, _cpus() // workload.actors))
-        from pipeline.predictor import Predictor
+        from pipeline.inference.predictor import Predictor
 
         model, meta = _load(workload)
         self.predictor = Predictor(model, meta, workload.device, workload.batch_size, workload.precision)

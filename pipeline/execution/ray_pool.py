@@ -21,6 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.execution.cluster import connect
 from pipeline.execution.resources import ActorPlan, plan_actors
 from pipeline.execution.scheduler import Assignment, ShardFailed, ShardScheduler, SlotAction
+from pipeline.outputs.progress import segmenting_image
 from pipeline.shard import ShardProcessor, ShardSummary
 from pipeline.sources import Shard
 
@@ -100,6 +101,7 @@ class _ActorPool:
             max_concurrency=SHARDS_PER_ACTOR,
         )
         self._args = (cfg, run_id)
+        self._output = cfg.resolve(cfg.output_uri)  # where a careful attempt notes the image it is on
         self._torch_threads = plan.torch_threads
         self._retries = cfg.shard_retries
         self._scheduler = scheduler
@@ -115,7 +117,8 @@ class _ActorPool:
         while not self._scheduler.done:
             now = time.monotonic()
             for job in self._scheduler.assignments(now):
-                self._pending[self._actors[job.slot].__call__.remote(job.shard)] = job
+                call = self._actors[job.slot].__call__.remote(job.shard, job.careful, job.killers)
+                self._pending[call] = job
             retry_in = self._scheduler.next_retry_in(now)
             if not self._pending:  # only retries waiting for their time (so retry_in is set): nothing to collect
                 time.sleep(retry_in)
@@ -171,17 +174,29 @@ class _ActorPool:
         # ActorDiedError: it will not come back (restarts used up, or its __init__ failed): a new actor is needed.
         import ray
 
+        killer = segmenting_image(*self._output, job.shard.shard_id) if job.careful else None
         with _giving_up_on(error):
-            action = self._scheduler.actor_died(job, for_good=isinstance(error, ray.exceptions.ActorDiedError))
-        log.warning(
-            "shard %s redone (retry %d of %d): its actor %d died (%s: %s)",
-            job.shard.shard_id,
-            self._scheduler.failures(job.shard),
-            self._retries,
-            job.slot,
-            type(error).__name__,
-            _first_line(error),
-        )
+            action = self._scheduler.actor_died(
+                job, for_good=isinstance(error, ray.exceptions.ActorDiedError), killer=killer
+            )
+        if killer is not None:
+            log.warning(
+                "shard %s: image %s killed its actor %d (%s); rerunning the shard with that image as an error row",
+                job.shard.shard_id,
+                killer,
+                job.slot,
+                _first_line(error),
+            )
+        else:
+            log.warning(
+                "shard %s redone image by image (failures %d of %d allowed): its actor %d died (%s: %s)",
+                job.shard.shard_id,
+                self._scheduler.failures(job.shard),
+                self._retries,
+                job.slot,
+                type(error).__name__,
+                _first_line(error),
+            )
         self._act(action, job.slot, job.generation, _first_line(error))
 
     def _probed(self, ref: Any, probe: _Probe) -> None:

@@ -6,6 +6,11 @@ So every scheduling rule is unit-tested without a cluster or a sleep.
 
 A slot is a place for one actor; its generation counts the actors that held it, so an event from an actor
 that has since been replaced is told apart from one of the actor now in the slot.
+
+A shard whose actor died under it is rerun carefully: image by image, alone on its actor (so the note of
+the image it is on names the one that killed the process, not a neighbour's). A careful attempt that dies
+on an image not known before has found a killer, which becomes an error row in the next attempt; only
+deaths that find none count against the retries.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Assignment:
     slot: int
     generation: int
     shard: Shard
+    careful: bool = False  # image by image, alone on its actor
+    killers: frozenset[str] = frozenset()  # images that killed the process on earlier attempts
 
 
 class SlotState(Enum):
@@ -65,8 +72,9 @@ class ShardScheduler:
     """The queue of shards, the shards in flight per slot, the retries waiting for their time, failure counts
     per shard and the state of each actor slot.
 
-    ``per_actor`` shards at most are in flight on a slot's current actor. Both a shard that raised and one
-    whose actor died count as failures of that shard; its ``retries + 1``-th failure raises ``ShardFailed``.
+    ``per_actor`` shards at most are in flight on a slot's current actor. A shard that raised counts as a failure
+    of that shard, and so does a careful attempt whose actor died without naming a new killer; its
+    ``retries + 1``-th failure raises ``ShardFailed``.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class ShardScheduler:
         self._states = [SlotState.READY] * actors
         self._generations = [0] * actors
         self._failures: Counter[str] = Counter()
+        self._killers: dict[str, frozenset[str]] = {}  # by shard id: the shards to run carefully
         self._per_actor = per_actor
         self._retries = retries
         self._backoff = backoff
@@ -107,9 +116,11 @@ class ShardScheduler:
         sent = []
         for slot, state in enumerate(self._states):
             key = (slot, self._generations[slot])
-            while state is SlotState.READY and self._queue and self._load[key] < self._per_actor:
-                sent.append(Assignment(slot, key[1], self._queue.popleft()))
-                self._in_flight[sent[-1].shard.shard_id] = sent[-1]
+            while state is SlotState.READY and self._queue and self._fits(key):
+                shard = self._queue.popleft()
+                careful = shard.shard_id in self._killers
+                sent.append(Assignment(slot, key[1], shard, careful, self._killers.get(shard.shard_id, frozenset())))
+                self._in_flight[shard.shard_id] = sent[-1]
                 self._load[key] += 1
         if (self._queue or self._waiting) and all(state is SlotState.REPLACING for state in self._states):
             raise SchedulerStuck(f"{len(self._queue) + len(self._waiting)} shards left and no actor to run them")
@@ -132,11 +143,18 @@ class ShardScheduler:
         heapq.heappush(self._waiting, (now + delay, next(self._order), assignment.shard))
         return delay
 
-    def actor_died(self, assignment: Assignment, for_good: bool) -> SlotAction:
+    def actor_died(self, assignment: Assignment, for_good: bool, killer: str | None = None) -> SlotAction:
         """The actor's process died under the shard: the shard goes back to the front of the queue at once, for
-        any live actor. ``for_good``: Ray will not restart the actor. Raises ``ShardFailed`` past the retries."""
+        any live actor, to be run carefully. ``for_good``: Ray will not restart the actor. ``killer``: the image
+        a careful attempt was on. Raises ``ShardFailed`` past the retries."""
         self._land(assignment)
-        self._count_failure(assignment.shard)
+        shard_id, known = assignment.shard.shard_id, self._killers.get(assignment.shard.shard_id, frozenset())
+        if killer is not None and killer not in known:
+            self._killers[shard_id] = known | {killer}
+        elif assignment.careful:
+            self._count_failure(assignment.shard)
+        else:
+            self._killers[shard_id] = known
         self._queue.appendleft(assignment.shard)
         slot = assignment.slot
         if not self._is_current(slot, assignment.generation) or self._states[slot] is not SlotState.READY:
@@ -162,6 +180,15 @@ class ShardScheduler:
             raise ValueError(f"slot {slot} is {self._states[slot].value}, not waiting for a new actor")
         self._generations[slot] += 1
         self._states[slot] = SlotState.READY
+
+    def _fits(self, key: tuple[int, int]) -> bool:
+        """The slot's actor can take the shard at the head of the queue: a careful one only when idle, and
+        nothing more while it runs one."""
+        if any(a.careful and (a.slot, a.generation) == key for a in self._in_flight.values()):
+            return False
+        if self._queue[0].shard_id in self._killers:
+            return self._load[key] == 0
+        return self._load[key] < self._per_actor
 
     def _release_due(self, now: float) -> None:
         due = []

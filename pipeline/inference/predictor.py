@@ -1,23 +1,34 @@
-"""The model on its device: preprocessing, size-bucketed batches, argmax and confidence on the device.
+"""The model on its device: windows in batches, test-time views, and the merge into masks on the device.
 
-Only images of the same size share a batch, and every image is padded or resized
-by its own size alone, so a mask never depends on which images it was batched with.
+Every image becomes windows (one for an image that goes through whole). Windows of one size share a batch,
+whichever image they come from, and each is padded or resized by its own size alone, so a mask never depends
+on what it was batched with. A batch that fails is split until the image that makes it fail is alone: that
+image becomes a failure, the others are segmented as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.config import InferenceConfig
 from pipeline.cpu_tuning import keep_freed_memory, route_convs_to_onednn
 from pipeline.errors import DeviceError
+from pipeline.inference.plan import InferencePlan, plan_inference
+from pipeline.inference.stitching import Stitcher
+from pipeline.inference.windows import Window
 from pipeline.models.checkpoint import ModelMeta
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +36,12 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Prediction:
     mask: np.ndarray  # HxW uint8 class indices at the image's original size
-    mean_confidence: float  # mean over pixels of the max softmax probability
+    mean_confidence: float  # mean over pixels of the top (merged) softmax probability
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str  # why the model could not segment this image, for its error row
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +56,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_Item = tuple[int, Window]  # (image index, one of its windows)
+
+
 class Predictor:
     """Holds one model resident on its device and turns RGB arrays into masks."""
 
@@ -51,8 +70,10 @@ class Predictor:
         batch_size: int = 8,
         precision: str = "fp32",
         channels_last: bool = True,
+        plan: InferencePlan | None = None,
     ) -> None:
         self.meta = meta
+        self.plan = plan or plan_inference(InferenceConfig(), meta)
         self.device = resolve_device(device)
         self.batch_size = batch_size
         # Reduced precision pays off on CUDA; on CPU it would only cost accuracy. channels_last pays on both:
@@ -66,34 +87,28 @@ class Predictor:
         self.mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
 
-    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Masks for HxWx3 uint8 images, in input order."""
-        out: list[Prediction | None] = [None] * len(images)
-        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, img in enumerate(images):
-            buckets[img.shape[:2]].append(i)
-        for idx in buckets.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                for i, pred in zip(chunk, self._forward_same_size([images[i] for i in chunk]), strict=True):
-                    out[i] = pred
-        return out  # type: ignore[return-value]
+    def predict(self, images: list[np.ndarray]) -> list[Prediction | Failure]:
+        """Masks for HxWx3 uint8 images, in input order; a Failure for an image the model fails on."""
+        return _Run(self, images).results()
 
     @torch.inference_mode()
-    def _forward_same_size(self, images: list[np.ndarray]) -> list[Prediction]:
-        h, w = images[0].shape[:2]
-        x = self._fit_input(self.to_input(images))
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 softmax probabilities [N, C, h, w] of a normalised batch, averaged over the plan's views."""
+        size = tuple(x.shape[-2:])
+        total = None
+        for view in self.plan.views:
+            probs = view.undo(self.logits(view.apply(x)), size).float().softmax(dim=1)
+            total = probs if total is None else total.add_(probs)
+        return total if len(self.plan.views) == 1 else total.div_(len(self.plan.views))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits at the size of ``x``, whatever its input policy."""
+        h, w = x.shape[-2:]
         with self.autocast():
-            logits = self.model(x)
-        if isinstance(logits, dict):  # torchvision segmentation models return {"out": ...}
-            logits = logits["out"]
-        logits = self._fit_output(logits.float(), h, w)
-        top, labels = logits.max(dim=1)
-        # Top softmax probability = 1 / sum_c exp(l_c - top): one exp pass, a third cheaper than logsumexp.
-        conf = (logits - top.unsqueeze(1)).exp_().sum(dim=1).reciprocal_().mean(dim=(1, 2))
-        masks = labels.to(torch.uint8).cpu().numpy()
-        confs = conf.cpu().numpy()
-        return [Prediction(m, float(c)) for m, c in zip(masks, confs, strict=True)]
+            out = self.model(self._fit_input(x))
+        if isinstance(out, dict):  # torchvision segmentation models return {"out": ...}
+            out = out["out"]
+        return self._fit_output(out, h, w)
 
     def to_input(self, images: list[np.ndarray]) -> torch.Tensor:
         """Same-size HxWx3 uint8 images as one normalised float batch on the device, in the model's layout."""
@@ -122,3 +137,83 @@ class Predictor:
         if self.meta.input_policy == "resize":
             return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
+
+
+class _Run:
+    """One ``predict`` call: the windows of its images in batches, each image's stitcher, the failures."""
+
+    def __init__(self, predictor: Predictor, images: list[np.ndarray]) -> None:
+        self.p = predictor
+        self.images = images
+        self.rows = [predictor.plan.windows(*img.shape[:2]) for img in images]
+        self.stitchers: dict[int, Stitcher] = {}  # only while an image has windows in flight
+        self.out: list[Prediction | Failure | None] = [None] * len(images)
+
+    def results(self) -> list[Prediction | Failure]:
+        for items in self._buckets():
+            while batch := list(islice(items, self.p.batch_size)):  # the size may shrink on CUDA OOM
+                self._run(batch)
+        return self.out  # type: ignore[return-value]
+
+    def _buckets(self) -> Iterator[Iterator[_Item]]:
+        """Per window size, that size's windows: image after image, row after row (so few stitchers live)."""
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, rows in enumerate(self.rows):
+            by_size[rows[0][0].h, rows[0][0].w].append(i)
+        for indices in by_size.values():
+            yield ((i, win) for i in indices for row in self.rows[i] for win in row)
+
+    def _run(self, batch: list[_Item]) -> None:
+        """Segment and merge ``batch``; when it fails, its halves, down to the window that fails alone."""
+        batch = [item for item in batch if not isinstance(self.out[item[0]], Failure)]
+        if not batch:
+            return
+        error = None
+        try:
+            probs = self.p.probabilities(self.p.to_input([_crop(self.images[i], w) for i, w in batch]))
+        except Exception as e:  # an image the model cannot take must not take its batch with it
+            error = e.with_traceback(None)  # its frames would keep the failed batch's tensors alive
+        if error is not None:
+            self._failed(batch, error)
+            return
+        for (i, window), p in zip(batch, probs, strict=True):
+            self._merge(i, window, p)
+
+    def _failed(self, batch: list[_Item], error: Exception) -> None:
+        if _is_cuda_oom(error):
+            torch.cuda.empty_cache()
+            if len(batch) > 1 and self.p.batch_size > len(batch) // 2:
+                self.p.batch_size = len(batch) // 2  # and so for the rest of this predictor's life
+                log.warning("CUDA out of memory: %d windows per batch from now on", self.p.batch_size)
+        if len(batch) == 1:
+            self._fail(batch[0][0], error)
+            return
+        half = len(batch) // 2
+        self._run(batch[:half])
+        self._run(batch[half:])
+
+    def _merge(self, i: int, window: Window, probs: torch.Tensor) -> None:
+        try:
+            if i not in self.stitchers:
+                self.stitchers[i] = Stitcher(self.rows[i], self.p.meta.num_classes, self.p.plan.blend)
+            stitcher = self.stitchers[i]
+            stitcher.add(window, probs)
+        except Exception as e:  # e.g. out of memory for one very wide image's band
+            self._fail(i, e)
+            return
+        if stitcher.done:
+            self.out[i] = Prediction(self.stitchers.pop(i).mask, stitcher.mean_confidence)
+
+    def _fail(self, i: int, error: Exception) -> None:
+        self.stitchers.pop(i, None)
+        text = str(error).strip()
+        detail = f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+        self.out[i] = Failure(f"the model failed on this image: {detail}")
+
+
+def _crop(image: np.ndarray, w: Window) -> np.ndarray:
+    return image[w.y : w.y + w.h, w.x : w.x + w.w]
+
+
+def _is_cuda_oom(error: Exception) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA out of memory" in str(error)

@@ -48,6 +48,7 @@ class ModelMeta:
     size: tuple[int, int] | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     palette: tuple[tuple[int, int, int], ...] = ()
+    train_crop: tuple[int, int] | None = None  # (h, w) crops it was trained on: the default inference tile
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +114,7 @@ def _meta_from_dict(raw: dict) -> ModelMeta:
         size=tuple(raw["size"]) if raw.get("size") else None,
         arch_kwargs=dict(raw.get("arch_kwargs") or {}),
         palette=tuple(tuple(int(c) for c in rgb) for rgb in raw.get("palette") or ()),
+        train_crop=tuple(int(v) for v in raw["train_crop"]) if raw.get("train_crop") else None,
     )
 
 

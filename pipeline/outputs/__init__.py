@@ -35,7 +35,7 @@ from pipeline.outputs.paths import (
     stats_path,
     unsafe_image_id,
 )
-from pipeline.outputs.rows import EVALUATION_SCHEMA, STATS_SCHEMA, EvaluationRow, ImageRow, to_table
+from pipeline.outputs.rows import EVALUATION_SCHEMA, STATS_SCHEMA, ErrorKind, EvaluationRow, ImageRow, to_table
 from pipeline.outputs.tables import (
     RowCounts,
     committed_run_id,
@@ -55,6 +55,7 @@ __all__ = [
     "METRICS",
     "STATS_SCHEMA",
     "EvaluationRow",
+    "ErrorKind",
     "ImageRow",
     "Manifest",
     "ModelInfo",

@@ -7,7 +7,7 @@ it names. The report, ``evaluate`` and a resumed run all read it through ``read_
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ class RunCounts:
     labeled: int
     shards: int
     shards_skipped: int  # committed by an earlier attempt of the same run
+    error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by kind: too_large, model, ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +76,7 @@ class Manifest:
     counts: RunCounts
     shards: list[ShardEntry]
     timings: Timings
+    inference: dict[str, Any] = field(default_factory=dict)  # the resolved mode, tile, overlap, blend, TTA views
 
     @property
     def complete(self) -> bool:
@@ -106,6 +108,7 @@ def build_manifest(
     done: dict[str, int],
     counts: RowCounts,
     timings: Timings,
+    inference: dict[str, Any],
 ) -> Manifest:
     """The manifest of a run whose every shard is committed; ``done``: shard id -> images, of the shards this
     attempt ran (the others were committed by an earlier one)."""
@@ -133,9 +136,11 @@ def build_manifest(
             labeled=counts.labeled,
             shards=len(shards),
             shards_skipped=len(shards) - len(done),
+            error_kinds=dict(sorted(counts.error_kinds.items())),
         ),
         shards=[_entry(s, done.get(s.shard_id)) for s in shards],
         timings=timings,
+        inference=inference,
     )
 
 

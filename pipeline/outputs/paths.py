@@ -35,3 +35,8 @@ def unsafe_image_id(image_id: str) -> str | None:
     if not image_id or image_id.startswith("/") or "\\" in image_id or any(p in ("", ".", "..") for p in parts):
         return f"image id {image_id!r} cannot name a mask file (empty, absolute, or with '.', '..' or '//' parts)"
     return None
+
+
+def segmenting_path(root: str, shard_id: str) -> str:
+    """Where a shard rerun image by image names the image it is on (see ``progress``)."""
+    return storage.join(root, "_segmenting", shard_id)

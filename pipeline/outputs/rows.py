@@ -4,6 +4,7 @@ where it is built, and each Parquet schema is derived from its row type, so the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +28,16 @@ def to_table(rows: list, row_type: type) -> pa.Table:
     return pa.Table.from_pydict({n: [getattr(r, n) for r in rows] for n in names}, schema=schema_of(row_type))
 
 
+class ErrorKind(StrEnum):
+    """Why a row has an error, for counting and grouping (the ``error`` text says it in words)."""
+
+    INPUT = "input"  # the image could not be read or decoded, or its id cannot name a mask
+    TOO_LARGE = "too_large"  # above max_image_pixels
+    LABEL = "label"  # the image was segmented, but its label could not be used
+    MODEL = "model"  # the model raised (or ran out of memory) on this image alone
+    PROCESS_DIED = "process_died"  # the model's process died while segmenting this image
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImageRow:
     """One input image's row in ``stats/part-<shard>.parquet``; ``error`` set means no mask (or no usable label)."""
@@ -47,10 +58,21 @@ class ImageRow:
     mean_iou: float | None = column(pa.float64())
     confusion: list[Cell] | None = column(CONFUSION_CELLS)  # sparse: re-reduce any subset of images exactly
     error: str | None = column(pa.string())
+    error_kind: str | None = column(pa.string())  # an ErrorKind value, null when fine
     model: str | None = column(pa.string())
 
     @classmethod
-    def failed(cls, *, run_id: str, image_id: str, source_uri: str, shard_id: str, model: str | None, error: str):
+    def failed(
+        cls,
+        *,
+        run_id: str,
+        image_id: str,
+        source_uri: str,
+        shard_id: str,
+        model: str | None,
+        error: str,
+        error_kind: ErrorKind,
+    ):
         """The row of an image that could not be segmented: why, and nothing else."""
         return cls(
             run_id=run_id,
@@ -59,6 +81,7 @@ class ImageRow:
             shard_id=shard_id,
             model=model,
             error=error,
+            error_kind=error_kind,
             width=None,
             height=None,
             mask_uri=None,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -56,6 +57,7 @@ class RowCounts:
     images: int = 0
     errors: int = 0
     labeled: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)  # error rows by ErrorKind (stats parts only)
 
 
 def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.ndarray, RowCounts]:
@@ -66,6 +68,8 @@ def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.n
         counts.images += table.num_rows
         counts.errors += table.num_rows - table["error"].null_count
         counts.labeled += int(np.sum(table["labeled"].to_numpy(zero_copy_only=False)))
+        if "error_kind" in table.column_names:
+            counts.error_kinds.update(k for k in table["error_kind"].to_pylist() if k is not None)
         cells = table["confusion"].combine_chunks().flatten()
         if len(cells):
             total.update_sparse(cells.field("gt"), cells.field("pred"), cells.field("count"))
@@ -74,7 +78,7 @@ def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.n
 
 def reduce_parts(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes: int) -> tuple[np.ndarray, RowCounts]:
     """``reduce_confusion`` over the stats parts at ``paths``, reading only the columns it needs."""
-    return reduce_confusion(read_tables(fs, paths, ["confusion", "labeled", "error"]), num_classes)
+    return reduce_confusion(read_tables(fs, paths, ["confusion", "labeled", "error", "error_kind"]), num_classes)
 
 
 def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> Iterator[pa.Table]:

@@ -1,0 +1,93 @@
+"""Merging window probabilities into one image's mask, band by band, in bounded memory.
+
+As MONAI's ``sliding_window_inference``: each window's softmax probabilities, times an importance map
+(gaussian, centre-weighted, so seams vanish; or flat), are added into an fp32 accumulator with the weights;
+a pixel's class is the argmax of sum / weight and its confidence that maximum. The accumulator holds one
+row of windows (tile height x image width), not the image: windows arrive row by row, and when the next row
+begins, the pixels above its top edge are touched by no later window, so they are finished and dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from pipeline.inference.windows import Window
+
+SIGMA_SCALE = 0.125  # of the window size, as MONAI's default
+
+
+@functools.cache
+def _importance(h: int, w: int, blend: str, device: torch.device) -> torch.Tensor:
+    """[h, w] weights: a gaussian with sigma = SIGMA_SCALE x size, peak 1 (or all ones for ``mean``)."""
+    if blend == "mean":
+        return torch.ones(h, w, device=device)
+    axes = [torch.exp(-0.5 * ((torch.arange(n, device=device) - (n - 1) / 2) / (SIGMA_SCALE * n)) ** 2) for n in (h, w)]
+    weights = torch.outer(*axes)
+    weights /= weights.max()
+    return weights.clamp_(min=weights[weights > 0].min().item())  # no pixel of a window weighs nothing
+
+
+class Stitcher:
+    """One image's mask and confidence, built from its windows' probabilities given in row order."""
+
+    def __init__(self, rows: list[list[Window]], num_classes: int, blend: str) -> None:
+        self.height = rows[-1][0].y + rows[-1][0].h
+        self.width = rows[0][-1].x + rows[0][-1].w
+        self.mask = np.empty((self.height, self.width), np.uint8)
+        self.left = sum(len(row) for row in rows)  # windows not merged yet
+        self.single = self.left == 1
+        self._num_classes, self._blend = num_classes, blend
+        self._band_height = rows[0][0].h
+        self._top = 0  # image row of the accumulator's first row
+        self._sum: torch.Tensor | None = None  # [C, band height, width] weighted probabilities
+        self._weight: torch.Tensor | None = None  # [band height, width]
+        self._confidence = 0.0  # sum over finished pixels of the top probability
+
+    @property
+    def done(self) -> bool:
+        return self.left == 0
+
+    @property
+    def mean_confidence(self) -> float:
+        return self._confidence / (self.height * self.width)
+
+    def add(self, window: Window, probs: torch.Tensor) -> None:
+        """Merge one window's [C, h, w] probabilities; every window of a row before any of the next row."""
+        self.left -= 1
+        if self.single:  # the whole image in one window: nothing to blend
+            self._finish(probs, 0)
+            return
+        if self._sum is None:
+            self._sum = probs.new_zeros(self._num_classes, self._band_height, self.width)
+            self._weight = probs.new_zeros(self._band_height, self.width)
+        if window.y > self._top:
+            self._advance(window.y)
+        weight = _importance(window.h, window.w, self._blend, probs.device)
+        rows, cols = slice(window.y - self._top, window.y - self._top + window.h), slice(window.x, window.x + window.w)
+        self._sum[:, rows, cols].addcmul_(probs, weight)
+        self._weight[rows, cols] += weight
+        if self.done:
+            self._advance(self.height)
+
+    def _advance(self, top: int) -> None:
+        """Finish the rows above image row ``top`` (no later window touches them) and move the band down."""
+        n = top - self._top
+        finished = n if top < self.height else self.height - self._top
+        self._finish(self._sum[:, :finished] / self._weight[:finished], self._top)
+        if top < self.height:
+            keep = self._band_height - n
+            self._sum[:, :keep] = self._sum[:, n:].clone()
+            self._weight[:keep] = self._weight[n:].clone()
+            self._sum[:, keep:] = 0
+            self._weight[keep:] = 0
+        else:  # the last row: the band is no longer needed
+            self._sum = self._weight = None
+        self._top = top
+
+    def _finish(self, probs: torch.Tensor, top: int) -> None:
+        top_prob, labels = probs.max(dim=0)
+        self.mask[top : top + labels.shape[0]] = labels.to(torch.uint8).cpu().numpy()
+        self._confidence += float(top_prob.sum(dtype=torch.float64))
