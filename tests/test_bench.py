@@ -83,3 +83,35 @@ def test_overheads_count_every_object_and_part(tmp_path):
     assert [p["images"] for p in report["reduce"]["stats_parts"]] == [80, 160]
     for kind in ("planning", "reduce"):
         assert report[kind]["seconds_per_10k"] > 0 and report[kind]["max_relative_departure"] >= 0
+
+
+def test_large_workload_reports_throughput_and_memory_per_size(tmp_path):
+    from pipeline.bench.large import format_table, measure
+
+    # One memory size: each measurement is a fresh process that imports torch (2-3 s here), the jobs' twice.
+    report = measure(tmp_path, size=300, sides=(200,), tile=64, device="cpu", repeat=1)
+
+    assert report["inference"] == {"mode": "slide", "tile": [64, 64], "overlap": 0.25, "blend": "gaussian"}
+    assert (report["batch_size"], report["device_type"]) == (1, "cpu")
+    assert report["torch_threads"] >= 1 and report["versions"]["torch"]
+    t = report["throughput"]
+    assert t["windows"] == 36  # starts 0, 48, ..., 236 on both axes: 6 x 6
+    for name in ("forward", "slide"):
+        rates = t["paths"][name]["windows_per_s"]
+        assert 0 < rates["min"] <= rates["median"] <= rates["max"], name
+        assert len(t["paths"][name]["runs"]) == 1, name
+    assert t["slide_over_forward"] == pytest.approx(
+        t["paths"]["slide"]["windows_per_s"]["median"] / t["paths"]["forward"]["windows_per_s"]["median"], rel=1e-2
+    )
+    sizes = report["memory"]["sizes"]
+    assert [(r["side"], r["megapixels"]) for r in sizes] == [(200, 0.04)]
+    (r,) = sizes
+    assert (r["image_mb"], r["mask_mb"]) == (round(3 * 200**2 / 2**20, 1), round(200**2 / 2**20, 1))
+    assert r["band_mb"] == round(4 * 22 * 64 * 200 / 2**20, 1)  # 21 classes and the weight, fp32, 64 rows
+    for kind in ("decode", "job"):
+        for key in ("peak_rss_mb", "vm_hwm_mb", "ru_maxrss_mb", "seconds"):
+            spread = r[kind][key]
+            assert 0 < spread["min"] <= spread["median"] <= spread["max"], (kind, key)
+    assert r["job"]["vm_hwm_mb"]["median"] > r["decode"]["vm_hwm_mb"]["median"]  # the model, the windows
+    assert r["job"]["peak_rss_mb"]["ratio_to_first"] == 1.0
+    assert "slide / forward" in format_table(report)

@@ -46,13 +46,19 @@ def build(root: Path, model: str, size: int, count: int, **settings) -> Workload
             buf = io.BytesIO()
             img.resize((size, size), Image.BILINEAR).save(buf, format="JPEG", quality=90)
             (images / f"img_{i:06d}.jpg").write_bytes(buf.getvalue())
+    return Workload(str(images), str(build_checkpoint(root, model)), model, size, count, **settings)
+
+
+def build_checkpoint(root: Path, model: str) -> Path:
+    """A checkpoint of ``model`` with NUM_CLASSES classes and random weights (seed 0), written once."""
     checkpoint = root / f"{model}-{NUM_CLASSES}.pt"
     if not checkpoint.exists():
         import torch
 
         from pipeline.models import get_model
 
+        root.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         meta = default_meta(model, [f"class_{i}" for i in range(NUM_CLASSES)])
         checkpoint.write_bytes(save_checkpoint(get_model(model, num_classes=NUM_CLASSES), meta))
-    return Workload(str(images), str(checkpoint), model, size, count, **settings)
+    return checkpoint

@@ -50,13 +50,19 @@ def serve(args: argparse.Namespace) -> int:
 def models(args: argparse.Namespace) -> int:
     from pipeline.models import list_models
     from pipeline.models.profile import profile
+    from pipeline.models.registry import MODELS
 
-    rows = [profile(name, size=args.size, seconds=args.seconds) for name in list_models()]
+    rows = [
+        {**profile(name, size=args.size, seconds=args.seconds), "source": MODELS.origin(name)}  # plugin: its package
+        for name in list_models()
+    ]
     threads = rows[0]["torch_threads"]
-    print(f"| model | parameters | GFLOPs at {args.size}x{args.size} | CPU images/s ({threads} threads) |")
-    print("|---|---:|---:|---:|")
+    print(f"| model | source | parameters | GFLOPs at {args.size}x{args.size} | CPU images/s ({threads} threads) |")
+    print("|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| `{r['model']}` | {r['parameters']:,} | {r['gflops']} | {r['cpu_images_per_s']} |")
+        print(f"| `{r['model']}` | {r['source']} | {r['parameters']:,} | {r['gflops']} | {r['cpu_images_per_s']} |")
+    for name, error in MODELS.failures.items():  # plugins that failed to load: listed, not fatal
+        print(f"broken plugin `{name}`: {error}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
@@ -69,6 +75,20 @@ def bench(args: argparse.Namespace) -> int:
 
         report = measure(work)
         print(json.dumps(report, indent=2))
+    elif args.large:
+        from pipeline.bench import large
+
+        report = large.measure(
+            work,
+            args.model,
+            size=args.size or large.DEFAULT_SIZE,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            repeat=args.repeat,
+            on_run=lambda name, r: log.info("%s: %s", name, r),
+        )
+        print(large.format_table(report))
     else:
         report = _bench_paths(args, work)
     if args.json:
@@ -79,10 +99,11 @@ def bench(args: argparse.Namespace) -> int:
 def _bench_paths(args: argparse.Namespace, work: Path) -> dict:
     from pipeline.bench.runner import format_table, run_bench
     from pipeline.bench.workload import build
-    from pipeline.predictor import resolve_device
+    from pipeline.inference.predictor import resolve_device
 
     quick = dict(size=256, count=32, batch_size=4) if args.quick else {}
     size, count, batch = (quick.get(k) or getattr(args, k) for k in ("size", "count", "batch_size"))
+    size = size or 512
     on_cpu = resolve_device(args.device).type == "cpu"
     # On CPU one image per forward is fastest (larger batches spill the caches); GPUs want full batches.
     batch = batch or (1 if on_cpu else 16)

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_bench(sub) -> None:
     bn = sub.add_parser("bench", help="one workload through ceiling, naive, raydata and segpipe paths, side by side")
     bn.add_argument("--model", default="lraspp_mobilenet_v3_large", help="registry model (random weights)")
-    bn.add_argument("--size", type=int, default=512, help="square image size")
+    bn.add_argument("--size", type=int, help="square image size (default 512; with --large 4096)")
     bn.add_argument("--count", type=int, default=256, help="images")
     bn.add_argument("--batch-size", type=int, help="default 1 on CPU, 16 on CUDA")
     bn.add_argument(
@@ -81,6 +81,13 @@ def _add_bench(sub) -> None:
     )
     bn.add_argument(
         "--overheads", action="store_true", help="instead: planning and reduce time vs dataset size on a local S3"
+    )
+    bn.add_argument(
+        "--large",
+        action="store_true",
+        help="instead: one large image in slide mode against the forward alone (windows/s), and the peak RSS "
+        "of a one-image job on 25, 100 and 400 Mpx PNGs (--model, --size, --batch-size, --device, "
+        "--precision and --repeat apply)",
     )
     bn.add_argument("--work", default="~/.cache/segpipe/bench", help="where images and checkpoints are kept")
     bn.add_argument("--json", help="write the report here")
