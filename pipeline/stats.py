@@ -6,11 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.metrics import compute_metrics, confusion_counts
+from pipeline.metrics import BLOCK_PIXELS, compute_metrics, confusion_counts
 
 
 def class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(mask.reshape(-1), minlength=num_classes)[:num_classes].astype(np.int64)
+    """Pixels per class, a block at a time: bincount widens its input to int64 (8 bytes per mask pixel)."""
+    flat = mask.reshape(-1)
+    counts = np.zeros(max(num_classes, 256), np.int64)
+    for start in range(0, flat.size, BLOCK_PIXELS):
+        counts += np.bincount(flat[start : start + BLOCK_PIXELS], minlength=counts.size)
+    return counts[:num_classes]
 
 
 def sparse_confusion(mat: np.ndarray) -> list[dict]:

@@ -207,3 +207,13 @@ def test_sparse_confusion_lists_only_nonzero_cells():
     cm = ConfusionMatrix(2)
     cm.update_sparse([0, 1, 0], [1, 1, 1], [2, 4, 3])  # repeated cells add up
     assert np.array_equal(cm.mat, [[0, 5], [0, 4]])
+
+
+def test_class_pixels_in_blocks_equal_one_bincount(monkeypatch):
+    from pipeline import stats
+
+    monkeypatch.setattr(stats, "BLOCK_PIXELS", 1000)
+    mask = np.random.default_rng(3).integers(0, 6, (97, 53)).astype(np.uint8)
+    expected = np.bincount(mask.ravel(), minlength=7)[:7]
+    assert stats.class_pixels(mask, 7).tolist() == expected.tolist()
+    assert stats.class_pixels(mask, 7).dtype == np.int64

@@ -158,3 +158,23 @@ def test_cuda_out_of_memory_halves_the_windows_per_batch():
     reference = predictor(model, PIXELWISE, batch_size=1, mode="slide", tile=(32, 32)).predict(batch)
     for a, b in zip(preds, reference, strict=True):
         assert np.array_equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.75])
+def test_the_band_merge_equals_a_merge_over_the_whole_image(overlap, monkeypatch):
+    from pipeline.inference import stitching
+
+    monkeypatch.setattr(stitching, "FINISH_PIXELS", 500)  # several finishing steps per band
+    rows = window_rows(150, 170, (40, 40), overlap)
+    generator = torch.Generator().manual_seed(0)
+    stitcher = Stitcher(rows, num_classes=4, blend="gaussian")
+    total, weight = torch.zeros(4, 150, 170), torch.zeros(150, 170)
+    for win in (w for row in rows for w in row):
+        probs = torch.rand(4, win.h, win.w, generator=generator)
+        stitcher.add(win, probs)
+        importance = stitching._importance(win.h, win.w, "gaussian", torch.device("cpu"))
+        total[:, win.y : win.y + win.h, win.x : win.x + win.w].addcmul_(probs, importance)
+        weight[win.y : win.y + win.h, win.x : win.x + win.w] += importance
+    top, labels = (total / weight).max(dim=0)
+    assert np.array_equal(stitcher.mask, labels.numpy())
+    assert stitcher.mean_confidence == pytest.approx(float(top.double().mean()), rel=1e-9)

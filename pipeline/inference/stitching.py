@@ -17,6 +17,7 @@ import torch
 from pipeline.inference.windows import Window
 
 SIGMA_SCALE = 0.125  # of the window size, as MONAI's default
+FINISH_PIXELS = 1 << 20  # pixels whose class is decided at once
 
 
 @functools.cache
@@ -58,7 +59,7 @@ class Stitcher:
         """Merge one window's [C, h, w] probabilities; every window of a row before any of the next row."""
         self.left -= 1
         if self.single:  # the whole image in one window: nothing to blend
-            self._finish(probs, 0)
+            self._finish(probs, None, 0)
             return
         if self._sum is None:
             self._sum = probs.new_zeros(self._num_classes, self._band_height, self.width)
@@ -75,19 +76,31 @@ class Stitcher:
     def _advance(self, top: int) -> None:
         """Finish the rows above image row ``top`` (no later window touches them) and move the band down."""
         n = top - self._top
-        finished = n if top < self.height else self.height - self._top
-        self._finish(self._sum[:, :finished] / self._weight[:finished], self._top)
+        finished = min(n, self.height - self._top)
+        self._finish(self._sum[:, :finished], self._weight[:finished], self._top)
         if top < self.height:
-            keep = self._band_height - n
-            self._sum[:, :keep] = self._sum[:, n:].clone()
-            self._weight[:keep] = self._weight[n:].clone()
-            self._sum[:, keep:] = 0
-            self._weight[keep:] = 0
+            _shift_up(self._sum, n, dim=1)
+            _shift_up(self._weight, n, dim=0)
         else:  # the last row: the band is no longer needed
             self._sum = self._weight = None
         self._top = top
 
-    def _finish(self, probs: torch.Tensor, top: int) -> None:
-        top_prob, labels = probs.max(dim=0)
-        self.mask[top : top + labels.shape[0]] = labels.to(torch.uint8).cpu().numpy()
-        self._confidence += float(top_prob.sum(dtype=torch.float64))
+    def _finish(self, sums: torch.Tensor, weights: torch.Tensor | None, top: int) -> None:
+        """Argmax and top probability of the rows of ``sums / weights`` (``sums`` alone when None), into the
+        mask from image row ``top`` on; a few rows at a time, so that no temporary spans the band."""
+        step = max(1, FINISH_PIXELS // self.width)
+        for r in range(0, sums.shape[1], step):
+            probs = sums[:, r : r + step] if weights is None else sums[:, r : r + step] / weights[r : r + step]
+            top_prob, labels = probs.max(dim=0)
+            self.mask[top + r : top + r + labels.shape[0]] = labels.to(torch.uint8).cpu().numpy()
+            self._confidence += float(top_prob.sum(dtype=torch.float64))
+
+
+def _shift_up(t: torch.Tensor, n: int, dim: int) -> None:
+    """Move ``t``'s rows from ``n`` on to the top, in place, and zero the ``n`` rows freed at the bottom. In
+    chunks of at most ``n`` rows, so that no copy reads what it writes (and no clone of the band is made)."""
+    size = t.shape[dim]
+    for start in range(0, size - n, n):
+        length = min(n, size - n - start)
+        t.narrow(dim, start, length).copy_(t.narrow(dim, start + n, length))
+    t.narrow(dim, size - n, n).zero_()
