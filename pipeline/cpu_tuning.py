@@ -35,6 +35,15 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, big) and libc.mallopt(_M_TRIM_THRESHOLD, big))
 
 
+def release_freed_memory() -> None:
+    """Give the heap's free memory back to the kernel now (glibc's malloc_trim, every arena). With freed memory
+    kept, a very large image's decode buffers would stay resident in its IO thread's arena, which the model's
+    thread does not allocate from, while the windows go through the model. A no-op outside glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class OneDNNConv2d(nn.Conv2d):
     """A Conv2d whose CPU float32 inference is always oneDNN's; same parameters, same state_dict keys. With
     gradients on (a model trained after a validation pass) it is a plain Conv2d."""

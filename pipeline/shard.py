@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import JobConfig
+from pipeline.cpu_tuning import release_freed_memory
 from pipeline.images import DecodeError, ImageTooLarge, decode_rgb, default_max_image_pixels, image_pixels
 from pipeline.inference.plan import plan_inference
 from pipeline.inference.predictor import Failure, Prediction, Predictor
@@ -46,6 +47,7 @@ from pipeline.stats import image_stats
 log = logging.getLogger(__name__)
 
 PROCESS_DIED = "the model process died while segmenting this image"
+LARGE_IMAGE_BYTES = 48 << 20  # a decoded image this large (16 Mpx) gives its decode buffers back at once
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ class ShardProcessor:
         with self.model_lock:
             preds = self.predictor.predict([p.image for p in ok])
         by_id = {id(p): pred for p, pred in zip(ok, preds, strict=True)}
+        for p in ok:
+            p.image = None  # the rows need only the masks: a large image's pixels go before its PNG is encoded
         return list(self.pool.map(lambda p: self._row(shard, p, by_id.get(id(p))), prepared))
 
     def _prepare(self, sample: Sample) -> _Prepared:
@@ -162,7 +166,10 @@ class ShardProcessor:
         if data is None:
             return None, "missing file: the image was listed but could not be read", ErrorKind.INPUT
         try:
-            return decode_rgb(data, self.max_pixels), None, None
+            image = decode_rgb(data, self.max_pixels)
+            if image.size > LARGE_IMAGE_BYTES:
+                release_freed_memory()
+            return image, None, None
         except ImageTooLarge as e:
             return None, str(e), ErrorKind.TOO_LARGE
         except DecodeError as e:
