@@ -128,10 +128,10 @@ def test_the_merge_holds_one_band_of_windows_not_the_image():
     bands = set()
     for row in rows:
         for win in row:
-            stitcher.add(win, torch.rand(4, win.h, win.w))
+            stitcher.add(win, torch.rand(win.h, win.w, 4))
             if stitcher._sum is not None:
                 bands.add(tuple(stitcher._sum.shape))
-    assert bands == {(4, 64, 300)}
+    assert bands == {(64, 300, 4)}
     assert stitcher.done and stitcher._sum is None
     assert stitcher.mask.shape == (1000, 300) and stitcher.mask.max() < 4
 
@@ -168,13 +168,13 @@ def test_the_band_merge_equals_a_merge_over_the_whole_image(overlap, monkeypatch
     rows = window_rows(150, 170, (40, 40), overlap)
     generator = torch.Generator().manual_seed(0)
     stitcher = Stitcher(rows, num_classes=4, blend="gaussian")
-    total, weight = torch.zeros(4, 150, 170), torch.zeros(150, 170)
+    total, weight = torch.zeros(150, 170, 4), torch.zeros(150, 170)
     for win in (w for row in rows for w in row):
-        probs = torch.rand(4, win.h, win.w, generator=generator)
+        probs = torch.rand(win.h, win.w, 4, generator=generator)
         stitcher.add(win, probs)
         importance = stitching._importance(win.h, win.w, "gaussian", torch.device("cpu"))
-        total[:, win.y : win.y + win.h, win.x : win.x + win.w].addcmul_(probs, importance)
+        total[win.y : win.y + win.h, win.x : win.x + win.w].addcmul_(probs, importance[..., None])
         weight[win.y : win.y + win.h, win.x : win.x + win.w] += importance
-    top, labels = (total / weight).max(dim=0)
+    top, labels = (total / weight[..., None]).max(dim=-1)
     assert np.array_equal(stitcher.mask, labels.numpy())
     assert stitcher.mean_confidence == pytest.approx(float(top.double().mean()), rel=1e-9)
