@@ -24,11 +24,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, looked up once (find_library may run ldconfig)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc to serve large allocations from its heap and to keep freed memory for reuse, once per
     process. The process's resident size then stays at its peak instead of breathing with every image,
     which is what a long-lived model process wants. False where the C library is not glibc."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = _libc()
     if not hasattr(libc, "mallopt"):
         return False
     big = 1 << 30
@@ -39,7 +45,7 @@ def release_freed_memory() -> None:
     """Give the heap's free memory back to the kernel now (glibc's malloc_trim, every arena). With freed memory
     kept, a very large image's decode buffers would stay resident in its IO thread's arena, which the model's
     thread does not allocate from, while the windows go through the model. A no-op outside glibc."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = _libc()
     if hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
