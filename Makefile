@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 $(STAMP): pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c deploy/constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c deploy/constraints.txt -e ".[dev,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -34,12 +34,43 @@ def _clean_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def _known_model(name: str) -> str:
+def _registry_model(name: str) -> str:
     from pipeline.models import list_models
 
     if name not in list_models():
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return name
+
+
+def _job_model(name: str) -> str:
+    """A registry name, ``torch.export`` (the checkpoint is a program) or ``hf:<repo or folder>``."""
+    from pipeline.models import huggingface
+    from pipeline.models.exported import PROGRAM_ARCH
+
+    if huggingface.is_hf(name):
+        if not huggingface.installed():
+            raise ValueError(f"Hugging Face models need the hf extra: {huggingface.EXTRA}")
+        return huggingface.normalize_name(name)
+    if name == PROGRAM_ARCH:
+        return name
+    try:
+        return _registry_model(name)
+    except ValueError as e:
+        raise ValueError(f"{e}; or {PROGRAM_ARCH} (a program), or hf:<repo or folder>") from None
+
+
+def _check_weights(model: str | None, weights: str | None) -> None:
+    """torchvision's weights ``weights`` must exist for ``model``; ValueError naming the field otherwise."""
+    from pipeline.models.pretrained import weights_enum
+
+    if weights is None:
+        return
+    if model is None:
+        raise ValueError("weights: name the torchvision model they are for in model")
+    try:
+        weights_enum(model, weights)
+    except ValueError as e:
+        raise ValueError(f"weights: {e}") from None
 
 
 def _known_layout(name: str) -> str:
@@ -89,7 +120,8 @@ def _device(v: str) -> str:
 
 
 Uri = Annotated[str, AfterValidator(_clean_uri)]
-ModelName = Annotated[str, AfterValidator(_known_model)]
+RegistryModelName = Annotated[str, AfterValidator(_registry_model)]
+ModelName = Annotated[str, AfterValidator(_job_model)]
 LayoutName = Annotated[str, AfterValidator(_known_layout)]
 LabelFormatName = Annotated[str, AfterValidator(_known_label_format)]
 Device = Annotated[str, AfterValidator(_device)]
@@ -239,11 +271,25 @@ class JobConfig(BaseModel):
     input_uri: Uri = Field(description="images, tar shards or Parquet files (file path, file://, s3://)")
     output_uri: Uri = Field(description="where masks, stats, metrics and the manifest go")
     labels_uri: Uri | None = Field(None, description="folder of label files, or a COCO instances JSON")
-    checkpoint_uri: Uri = Field(description="segpipe checkpoint: weights plus classes and preprocessing")
-    checkpoint_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-fA-F]{64}$", description="expected sha256 of the checkpoint file, checked before use"
+    checkpoint_uri: Uri | None = Field(
+        None,
+        description="segpipe checkpoint (weights plus classes and preprocessing) or torch.export program (.pt2); "
+        "not needed with weights or an hf: model",
     )
-    model: ModelName | None = Field(None, description="registry name; defaults to the checkpoint's architecture")
+    checkpoint_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="expected sha256 of the checkpoint (or weights file, or hf: folder), checked before use",
+    )
+    model: ModelName | None = Field(
+        None,
+        description="registry name (default: the checkpoint's), torch.export, or hf:<Hugging Face repo or folder>",
+    )
+    weights: str | None = Field(
+        None,
+        description="torchvision's pretrained weights of model by name (COCO_WITH_VOC_LABELS_V1, DEFAULT), "
+        "downloaded once into TORCH_HOME",
+    )
     shard_size: int = Field(64, ge=1, description="images per shard: the unit of work, retry and commit")
     actors: int | Literal["auto"] = Field(
         1, description="Ray actors, each holding one model; auto: one per GPU (or cpus_per_actor CPUs) of the cluster"
@@ -295,6 +341,20 @@ class JobConfig(BaseModel):
         if v is not None and v > 1 and v != int(v):
             raise ValueError(f"above 1 it must be a whole number of GPUs (Ray shares only fractions of one), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> JobConfig:
+        from pipeline.models.huggingface import is_hf
+
+        _check_weights(self.model, self.weights)
+        sources = [f for f, on in (("weights", self.weights), ("model hf:", is_hf(self.model))) if on]
+        if self.checkpoint_uri is not None:
+            sources.append("checkpoint_uri")
+        if not sources:
+            raise ValueError("checkpoint_uri: required, unless weights or an hf: model gives the model")
+        if len(sources) > 1:
+            raise ValueError(f"{sources[-1].split()[0]}: give the model one way, not by {' and '.join(sources)}")
+        return self
 
     @model_validator(mode="after")
     def _gpus_need_a_gpu_device(self) -> JobConfig:
@@ -367,7 +427,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelName = Field("unet_tiny", description="registry name")
+    model: RegistryModelName = Field("unet_tiny", description="registry name")
     class_names: list[str] = Field(min_length=2, description="class names in index order")
     train: DataConfig
     val: DataConfig
@@ -384,6 +444,60 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N; bf16 autocast on CUDA")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
+
+    def resolve(self, uri: str):
+        return storage.resolve(uri, **self.storage.options(uri))
+
+
+class ImportConfig(BaseModel):
+    """``segpipe import-weights``: foreign weights, torchvision's by name, or a torch.export program, written as
+    a checkpoint with the metadata a run needs. Metadata fields left unset keep the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source_uri: Uri | None = Field(
+        None, description=".pth/.pt state dict (read as weights only), .safetensors, or a torch.export .pt2 program"
+    )
+    output_uri: Uri = Field(description="the checkpoint to write (a .pt2 program stays a program)")
+    model: RegistryModelName | None = Field(None, description="registry model the weights are for")
+    weights: str | None = Field(
+        None, description="torchvision weights of model by name: their classes and normalisation"
+    )
+    class_names: list[str] | None = Field(None, min_length=1, description="class names in index order")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's builder")
+    mean: tuple[float, float, float] | None = Field(None, description="RGB mean in 0..1")
+    std: tuple[float, float, float] | None = Field(None, description="RGB std in 0..1")
+    palette: list[tuple[int, int, int]] | None = Field(None, description="RGB per class; default the VOC palette")
+    input_policy: Literal["pad", "resize"] | None = Field(None, description="pad to the stride, or resize to size")
+    size: tuple[int, int] | None = Field(None, description="[height, width] of the resize policy")
+    stride: int | None = Field(None, ge=1, description="the model's output stride, for the pad policy")
+    train_crop: tuple[int, int] | None = Field(None, description="[height, width] it was trained on: the default tile")
+    checkpoint_format: Literal["torch", "safetensors"] = "torch"
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"must be above 0, got {list(v)}")
+        return v
+
+    @field_validator("train_crop", "size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        """One number, or a list of one, means a square."""
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            v = v[0]
+        return (v, v) if isinstance(v, (int, str)) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _enough(self) -> ImportConfig:
+        if self.source_uri is None and self.weights is None:
+            raise ValueError("source_uri: name the weights file (or torchvision weights by name with weights)")
+        _check_weights(self.model, self.weights)
+        if self.input_policy == "resize" and self.size is None:
+            raise ValueError("size: the resize input policy needs [height, width]")
+        return self
 
     def resolve(self, uri: str):
         return storage.resolve(uri, **self.storage.options(uri))

@@ -20,6 +20,7 @@ from pipeline.inference.plan import plan_inference
 from pipeline.labels import get_label_format
 from pipeline.metrics import metrics_report
 from pipeline.models.checkpoint import ModelMeta
+from pipeline.models.loading import model_source
 from pipeline.outputs import (
     CONFUSION,
     MANIFEST,
@@ -42,7 +43,10 @@ from pipeline.sources.layout import InputSource
 log = logging.getLogger(__name__)
 
 # Fields that change what a run writes; batch size, actors, threads and PNG level do not.
-_RESULT_FIELDS = {"input_uri", "labels_uri", "model", "shard_size", "device", "precision", "input", "labels"}
+_RESULT_FIELDS = {
+    *("input_uri", "labels_uri", "model", "weights", "shard_size", "device", "precision"),
+    *("inference", "input", "labels"),
+}
 
 
 @dataclass
@@ -178,6 +182,7 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         counts=counts,
         timings=timings,
         inference=plan_inference(cfg.inference, meta).describe(),
+        model_source=model_source(cfg),
     )
     write_json(fs, storage.join(root, MANIFEST), manifest.to_json())
     log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))

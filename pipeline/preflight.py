@@ -17,7 +17,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.inference.predictor import resolve_device
 from pipeline.labels import LabelError, get_label_format
 from pipeline.labels.reader import load_label_format
-from pipeline.models.checkpoint import ModelMeta, load_checkpoint, read_checkpoint, sha256_hex
+from pipeline.models.checkpoint import ModelMeta
+from pipeline.models.loading import load_model, model_source
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Preflight:
     given: JobConfig  # the config as checked
-    cfg: JobConfig  # the same with ``model`` and ``checkpoint_sha256`` filled in from the checkpoint
+    cfg: JobConfig  # the same with ``model`` and ``checkpoint_sha256`` filled in from the model loaded
     meta: ModelMeta
     checkpoint_sha256: str
     seconds: float  # what the checks took
@@ -59,13 +60,12 @@ def preflight(cfg: JobConfig) -> Preflight:
         _require(cfg, cfg.labels_uri, "labels", "dir" if get_label_format(cfg.labels.format).per_image else "file")
     _require_output(cfg)
     _check_local_device(cfg)
-    data = read_checkpoint(cfg.resolve, cfg.checkpoint_uri)
-    _, meta = load_checkpoint(data, cfg.checkpoint_uri, expect_arch=cfg.model, sha256=cfg.checkpoint_sha256)
-    # The actors load the checkpoint again: they must get the bytes checked here, and the model they name.
-    sha = sha256_hex(data)
+    loaded = load_model(cfg)
+    # The actors load the model again: they must get the bytes checked here, and the model they name.
+    meta, sha = loaded.meta, loaded.sha256
     filled = cfg.model_copy(update={"model": cfg.model or meta.arch, "checkpoint_sha256": sha})
     _check_labels(filled, meta)
-    log.info("preflight passed: input, labels, output, device; checkpoint %s (sha256 %s)", cfg.checkpoint_uri, sha)
+    log.info("preflight passed: input, labels, output, device; %s (sha256 %s)", model_source(cfg), sha)
     return Preflight(cfg, filled, meta, sha, time.perf_counter() - start)
 
 

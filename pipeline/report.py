@@ -55,8 +55,8 @@ def summary_markdown(manifest: Manifest, metrics: dict) -> str:
         "",
         f"- **output**: `{config['output_uri']}`",
         f"- **input**: `{config['input_uri']}` ({config['input']['layout']})",
-        f"- **model**: `{model.name}` ({len(model.class_names)} classes), checkpoint `{model.checkpoint_uri}` "
-        f"(sha256 `{model.checkpoint_sha256[:12]}`)",
+        f"- **model**: `{model.name}` ({len(model.class_names)} classes), "
+        f"{model.source or f'checkpoint {model.checkpoint_uri}'} (sha256 `{model.checkpoint_sha256[:12]}`)",
         f"- **images**: {counts.images} ({_errors(counts)}, {counts.labeled} labeled)",
         f"- **shards**: {counts.shards} ({counts.shards_skipped} skipped, committed earlier)",
         f"- **throughput**: {ips if ips is not None else 'n/a'} images/s; plan {timings.plan_seconds} s, "

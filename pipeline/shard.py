@@ -35,7 +35,7 @@ from pipeline.inference.plan import plan_inference
 from pipeline.inference.predictor import Failure, Prediction, Predictor
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
-from pipeline.models.checkpoint import load_checkpoint, read_checkpoint
+from pipeline.models.loading import load_model
 from pipeline.outputs import ErrorKind, ImageRow, mask_path, stats_path, unsafe_image_id, write_stats
 from pipeline.outputs.progress import clear_segmenting, mark_segmenting
 from pipeline.palette import mask_to_png
@@ -82,12 +82,8 @@ class ShardProcessor:
         self.cfg = cfg
         self.run_id = run_id
         self.node = _ray_node_id()
-        model, self.meta = load_checkpoint(
-            read_checkpoint(cfg.resolve, cfg.checkpoint_uri),
-            cfg.checkpoint_uri,
-            expect_arch=cfg.model,
-            sha256=cfg.checkpoint_sha256,
-        )
+        loaded = load_model(cfg)
+        model, self.meta = loaded.model, loaded.meta
         self.plan = plan_inference(cfg.inference, self.meta)
         self.predictor = Predictor(
             model,

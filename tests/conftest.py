@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,11 @@ CHECKPOINT = REPO / "pipeline" / "models" / "weights" / "unet_tiny_shapes.pt"
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 sys.path.insert(0, str(PLUGINS))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
+# torchvision's weights cache (torch.hub) for the session, set before any Ray worker starts: the tests place
+# weight files there under the names torchvision expects, and nothing is downloaded.
+TORCH_HOME = Path(tempfile.mkdtemp(prefix="segpipe-torch-home-"))
+os.environ["TORCH_HOME"] = str(TORCH_HOME)
+atexit.register(shutil.rmtree, TORCH_HOME, True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -195,9 +195,9 @@ def test_safetensors_round_trip():
         assert torch.equal(loaded(x), model(x))
 
 
-def test_safetensors_without_segpipe_meta_refused():
+def test_safetensors_without_segpipe_meta_refused_saying_how_to_import_them():
     data = safetensors.torch.save({k: v.contiguous() for k, v in _model().state_dict().items()})
-    with pytest.raises(CheckpointError, match=f"not a {FORMAT} file"):
+    with pytest.raises(CheckpointError, match="is a plain state dict, without segpipe's metadata: .*import-weights"):
         load_checkpoint(data, "foreign.safetensors")
 
 

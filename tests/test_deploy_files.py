@@ -407,11 +407,11 @@ def _ray_extra_requirements(extra: str) -> set[str]:
 
 
 def test_image_can_be_a_kuberay_node_and_a_ray_client():
-    """The image installs the ``cluster`` extra: ray[default], whose packages (the Ray client's grpcio, the
+    """The image installs the ``cluster`` extra (and ``hf``): ray[default], whose packages (the Ray client's grpcio, the
     dashboard agent KubeRay probes) are all pinned."""
     cluster = [Requirement(r) for r in _pyproject()["project"]["optional-dependencies"]["cluster"]]
     (ray_req,) = [r for r in cluster if r.name == "ray"]
     assert "default" in ray_req.extras
-    assert '".[cluster]"' in DOCKERFILE.read_text()
+    assert '".[cluster,hf]"' in DOCKERFILE.read_text()
     missing = sorted((_ray_extra_requirements("default") | _ray_extra_requirements("client")) - set(_constraints()))
     assert not missing, f"not pinned in deploy/constraints.txt: {missing}"

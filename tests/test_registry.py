@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.models import get_model, list_models, register_model
 from pipeline.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD
@@ -185,20 +186,65 @@ def test_plugins_are_loaded_lazily_and_once(tmp_path, monkeypatch):
     assert builtins.SEGPIPE_LOADS == 1
 
 
-def test_segpipe_models_lists_the_plugin_with_its_package(monkeypatch, capsys):
-    from pipeline.cli.main import main
-    from pipeline.models import profile
+PLUGIN_PACKAGE = {
+    "pyproject.toml": """
+[build-system]
+requires = ["setuptools"]
+build-backend = "setuptools.build_meta"
 
-    def measured(name, size, seconds):  # profiling every model would take a quarter of a minute
-        return {"model": name, "parameters": 1, "gflops": 0.0, "cpu_images_per_s": 1.0, "torch_threads": 1}
+[project]
+name = "segpipe-demo-plugin"
+version = "0.1"
 
-    monkeypatch.setattr(profile, "profile", measured)
-    monkeypatch.setattr(MODELS, "failures", {"broken_net": "nowhere:net from broken-dist: ImportError: gone"})
-    assert main(["models", "--size", "16", "--seconds", "0"]) == 0
-    out = capsys.readouterr().out
-    rows = {
-        line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| `")
-    }
-    assert rows["`faults_1x1`"] == "segpipe-faults"
-    assert rows["`unet_tiny`"] == "built-in"
-    assert "broken plugin `broken_net`: nowhere:net from broken-dist: ImportError: gone" in out
+[project.entry-points."segpipe.models"]
+demo_conv = "segpipe_demo_plugin:demo_conv"
+demo_broken = "segpipe_demo_plugin_gone:net"
+""",
+    "segpipe_demo_plugin.py": """
+from torch import nn
+
+def demo_conv(num_classes=2):
+    return nn.Conv2d(3, num_classes, 1)
+""",
+}
+
+
+def _segpipe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_plugin_package_installed_into_the_venv_registers_its_models(tmp_path):
+    """A real package, pip-installed into this venv and removed again: its model is listed with its package and
+    makes checkpoints; its broken entry point is reported by name and breaks neither it nor the built-ins."""
+    for name, text in PLUGIN_PACKAGE.items():
+        (tmp_path / name).write_text(text.lstrip())
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    install = pip + ["install", "--no-build-isolation", "--no-deps", "--no-index", str(tmp_path)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+    try:
+        listed = _segpipe("models", "--list")
+        rows = {
+            line.split("|")[1].strip(" `"): line.split("|")[2].strip()
+            for line in listed.stdout.splitlines()
+            if line.startswith("| `")
+        }
+        assert rows["demo_conv"] == "segpipe-demo-plugin", listed.stdout
+        assert rows["faults_1x1"] == "segpipe-faults" and rows["unet_tiny"] == "built-in"
+        assert "broken plugin `demo_broken`: segpipe_demo_plugin_gone:net from segpipe-demo-plugin: " in listed.stdout
+        assert "ModuleNotFoundError" in listed.stdout
+        torch.save(nn.Conv2d(3, 2, 1).state_dict(), tmp_path / "conv.pt")
+        made = _segpipe(
+            "import-weights",
+            str(tmp_path / "conv.pt"),
+            "--model",
+            "demo_conv",
+            "--classes",
+            "a,b",
+            "--out",
+            str(tmp_path / "demo.pt"),
+        )
+        assert made.returncode == 0, made.stderr
+    finally:
+        subprocess.run(pip + ["uninstall", "-y", "segpipe-demo-plugin"], check=True, capture_output=True, timeout=120)
+    assert "demo_conv" not in _segpipe("models", "--list").stdout

@@ -52,19 +52,23 @@ def models(args: argparse.Namespace) -> int:
     from pipeline.models.profile import profile
     from pipeline.models.registry import MODELS
 
-    rows = [
-        {**profile(name, size=args.size, seconds=args.seconds), "source": MODELS.origin(name)}  # plugin: its package
-        for name in list_models()
-    ]
-    threads = rows[0]["torch_threads"]
-    print(f"| model | source | parameters | GFLOPs at {args.size}x{args.size} | CPU images/s ({threads} threads) |")
-    print("|---|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| `{r['model']}` | {r['source']} | {r['parameters']:,} | {r['gflops']} | {r['cpu_images_per_s']} |")
+    if args.list:
+        print("| model | source |\n|---|---|")
+        print("\n".join(f"| `{name}` | {MODELS.origin(name)} |" for name in list_models()))
+    else:
+        rows = [
+            {**profile(name, size=args.size, seconds=args.seconds), "source": MODELS.origin(name)}
+            for name in list_models()
+        ]
+        threads = rows[0]["torch_threads"]
+        print(f"| model | source | parameters | GFLOPs at {args.size}x{args.size} | CPU images/s ({threads} threads) |")
+        print("|---|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| `{r['model']}` | {r['source']} | {r['parameters']:,} | {r['gflops']} | {r['cpu_images_per_s']} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
     for name, error in MODELS.failures.items():  # plugins that failed to load: listed, not fatal
         print(f"broken plugin `{name}`: {error}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
@@ -155,6 +159,42 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, schema=TrainConfig, **overrides)
     result = train_model(cfg)
     print(f"best validation mean IoU {result['best_val_mean_iou']:.4f}; checkpoint written to {cfg.output_uri}")
+    return 0
+
+
+def import_weights(args: argparse.Namespace) -> int:
+    """Validate the arguments as an ImportConfig, read the source, write the checkpoint, print its sha256."""
+    import yaml
+
+    from pipeline.config import ImportConfig
+    from pipeline.models.checkpoint import read_checkpoint, sha256_hex
+    from pipeline.models.weights_import import import_weights as make_checkpoint
+    from pipeline.storage import write_bytes
+
+    def items(text: str | None) -> list[str] | None:
+        return [v.strip() for v in text.split(",")] if text else None
+
+    cfg = load_config(
+        schema=ImportConfig,
+        source_uri=args.source,
+        output_uri=args.out,
+        model=args.model,
+        weights=args.weights,
+        class_names=items(args.classes),
+        arch_kwargs=yaml.safe_load(args.arch_kwargs) if args.arch_kwargs else None,
+        mean=items(args.mean),
+        std=items(args.std),
+        palette=yaml.safe_load(args.palette) if args.palette else None,
+        input_policy=args.input_policy,
+        size=items(args.size),
+        stride=args.stride,
+        train_crop=items(args.train_crop),
+        checkpoint_format=args.format,
+    )
+    source = read_checkpoint(cfg.resolve, cfg.source_uri) if cfg.source_uri else None
+    data = make_checkpoint(cfg, source)
+    write_bytes(*cfg.resolve(cfg.output_uri), data)
+    print(f"wrote {cfg.output_uri} ({len(data):,} bytes, sha256 {sha256_hex(data)})")
     return 0
 
 

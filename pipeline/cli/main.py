@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--limit", type=int, help="at most this many flow runs at once")
     sv.set_defaults(fn=commands.serve)
 
-    md = sub.add_parser("models", help="every registry model: parameters, GFLOPs and CPU images/s, measured here")
+    md = sub.add_parser(
+        "models", help="every registry model and its source: parameters, GFLOPs and CPU images/s, measured here"
+    )
+    md.add_argument("--list", action="store_true", help="names and sources only, nothing measured")
     md.add_argument("--size", type=int, default=512, help="square input size")
     md.add_argument("--seconds", type=float, default=5.0, help="timing per model")
     md.add_argument("--json", help="also write the figures here")
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(fn=commands.make_dataset)
 
     _add_train(sub)
+    _add_import(sub)
 
     s3 = sub.add_parser("s3-demo", help="the demo job on a local S3 server (SeaweedFS, from the dev extra)")
     s3.add_argument("--data", required=True, help="a dataset from `segpipe make-dataset`")
@@ -112,6 +116,31 @@ def _add_train(sub) -> None:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device")
     tr.set_defaults(fn=commands.train)
+
+
+def _add_import(sub) -> None:
+    im = sub.add_parser(
+        "import-weights",
+        help="make a checkpoint from foreign weights, torchvision's by name, or a torch.export program",
+        description="Examples: `import-weights --model deeplabv3_resnet101 --weights COCO_WITH_VOC_LABELS_V1 --out "
+        "dl.pt`; `import-weights run.pth --model unet --classes bg,road,car --out s3://b/unet.pt`; "
+        "`import-weights model.pt2 --classes bg,road --out model.pt2`.",
+    )
+    im.add_argument("source", nargs="?", help=".pth/.pt (read as weights only), .safetensors, or .pt2 program")
+    im.add_argument("--out", required=True, help="checkpoint URI to write (local, file:// or s3://)")
+    im.add_argument("--model", help="registry model the weights are for")
+    im.add_argument("--weights", help="torchvision weights of --model by name (their classes and normalisation)")
+    im.add_argument("--classes", help="comma-separated class names, in index order")
+    im.add_argument("--arch-kwargs", help="YAML mapping of the model builder's arguments, e.g. '{width: 32}'")
+    im.add_argument("--mean", help="R,G,B mean in 0..1 (default ImageNet's, or the weights')")
+    im.add_argument("--std", help="R,G,B std in 0..1")
+    im.add_argument("--palette", help="YAML list of [R, G, B] per class (default the VOC palette)")
+    im.add_argument("--input-policy", help="pad (to the stride) or resize (to --size)")
+    im.add_argument("--size", help="H,W of the resize policy")
+    im.add_argument("--stride", help="the model's output stride (pad policy)")
+    im.add_argument("--train-crop", help="H[,W] it was trained on: the default inference tile")
+    im.add_argument("--format", choices=("torch", "safetensors"), help="checkpoint format (default torch)")
+    im.set_defaults(fn=commands.import_weights)
 
 
 def main(argv: list[str] | None = None) -> int:

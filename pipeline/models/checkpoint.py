@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,6 +33,12 @@ SAFETENSORS_META_KEY = "segpipe.meta"
 SAFETENSORS_EXTRA_KEY = "segpipe.extra"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PICKLED_MODULE_HINT = (
+    "segpipe does not unpickle them, as unpickling can run any code. Export the model instead: "
+    "torch.export.save(torch.export.export(model.eval(), (example_batch,), dynamic_shapes=...), 'model.pt2'), "
+    "then `segpipe import-weights model.pt2 --classes NAMES --out model.pt2`; or save model.state_dict() and "
+    "import that with `segpipe import-weights`"
+)
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ def default_meta(arch: str, class_names: tuple[str, ...] | list[str], **arch_kwa
     )
 
 
-def _meta_to_dict(meta: ModelMeta) -> dict[str, Any]:
+def meta_to_dict(meta: ModelMeta) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(meta).items()}
 
 
@@ -87,13 +94,13 @@ def save_checkpoint(
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if format == "safetensors":
         metadata = {
-            SAFETENSORS_META_KEY: json.dumps(_meta_to_dict(meta)),
+            SAFETENSORS_META_KEY: json.dumps(meta_to_dict(meta)),
             SAFETENSORS_EXTRA_KEY: json.dumps(extra or {}),
         }
         return safetensors.torch.save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
     if format != "torch":
         raise ValueError(f"unknown checkpoint format {format!r}; use 'torch' or 'safetensors'")
-    payload = {"format": FORMAT, "meta": _meta_to_dict(meta), "state_dict": state_dict, "extra": extra or {}}
+    payload = {"format": FORMAT, "meta": meta_to_dict(meta), "state_dict": state_dict, "extra": extra or {}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
@@ -103,7 +110,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _meta_from_dict(raw: dict) -> ModelMeta:
+def meta_from_dict(raw: dict) -> ModelMeta:
     return ModelMeta(
         arch=raw["arch"],
         class_names=tuple(raw["class_names"]),
@@ -118,7 +125,26 @@ def _meta_from_dict(raw: dict) -> ModelMeta:
     )
 
 
-def _is_safetensors(data: bytes) -> bool:
+def read_tensors(data: bytes, source: str, what: str = "checkpoint") -> Any:
+    """What a safetensors file or a ``torch.save`` file holds, read as tensors only (``weights_only=True``);
+    CheckpointError otherwise, one that says how to export a pickled module instead."""
+    try:
+        if is_safetensors(data):
+            return _read_safetensors(data)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # weights_only refused a class: a pickled module, most likely
+            raise CheckpointError(f"{what} {source} holds pickled Python objects; {PICKLED_MODULE_HINT}") from e
+        raise CheckpointError(f"cannot read {what} {source}: {_first_line(e)}") from e
+    except Exception as e:  # torch raises RuntimeError, EOFError... for bad files; safetensors its own
+        raise CheckpointError(f"cannot read {what} {source}: {_first_line(e)}") from e
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def is_safetensors(data: bytes) -> bool:
     """A safetensors file opens with the little-endian u64 length of its JSON header, then the header."""
     return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
 
@@ -128,7 +154,7 @@ def _read_safetensors(data: bytes) -> dict[str, Any]:
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     metadata = header.get("__metadata__") or {}
     if SAFETENSORS_META_KEY not in metadata:
-        return {}
+        return state_dict  # someone else's weights: load_checkpoint says how to import them
     return {"format": FORMAT, "meta": json.loads(metadata[SAFETENSORS_META_KEY]), "state_dict": state_dict}
 
 
@@ -158,18 +184,16 @@ def load_checkpoint(
     """
     if sha256 is not None and (actual := sha256_hex(data)) != sha256.lower():
         raise CheckpointError(f"checkpoint {source} has sha256 {actual}, but {sha256} was expected")
-    try:
-        if _is_safetensors(data):
-            payload = _read_safetensors(data)
-        else:
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {source}: {reason}") from e
+    payload = read_tensors(data, source)
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(
+            f"checkpoint {source} is a plain state dict, without segpipe's metadata: make it a checkpoint with "
+            f"`segpipe import-weights {source} --model ARCH --classes NAMES --out CHECKPOINT`"
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {source} is not a {FORMAT} file")
     try:
-        meta = _meta_from_dict(payload["meta"])
+        meta = meta_from_dict(payload["meta"])
         state_dict = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {source} lacks or garbles its metadata: {e!r}") from e

@@ -30,13 +30,14 @@ PROCESSED, SKIPPED = "processed", "skipped (committed earlier)"
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
     name: str
-    checkpoint_uri: str
-    checkpoint_sha256: str
+    checkpoint_uri: str | None  # None when weights by name or an hf: model gave the model
+    checkpoint_sha256: str  # of the checkpoint, the weights file or the hf: folder's files
     class_names: list[str]
     palette: list[list[int]]  # RGB per class index
     normalization: dict[str, list[float]]  # mean, std
     input_policy: str
     stride: int
+    source: str = ""  # where the model came from, in words ("checkpoint s3://...", "torchvision weights ...")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +110,7 @@ def build_manifest(
     counts: RowCounts,
     timings: Timings,
     inference: dict[str, Any],
+    model_source: str,
 ) -> Manifest:
     """The manifest of a run whose every shard is committed; ``done``: shard id -> images, of the shards this
     attempt ran (the others were committed by an earlier one)."""
@@ -129,6 +131,7 @@ def build_manifest(
             normalization={"mean": list(meta.mean), "std": list(meta.std)},
             input_policy=meta.input_policy,
             stride=meta.stride,
+            source=model_source,
         ),
         counts=RunCounts(
             images=counts.images,
