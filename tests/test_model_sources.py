@@ -117,7 +117,7 @@ def test_import_weights_unwraps_a_training_runs_file_and_records_the_metadata(tm
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     run = {
         "epoch": 7,
-        "model": {f"module.{k}": v for k, v in net.state_dict().items()},
+        "model": {f"module._orig_mod.{k}": v for k, v in net.state_dict().items()},  # DataParallel of a compiled net
         "optimizer": optimizer.state_dict(),
     }
     torch.save(run, tmp_path / "run.pth")

@@ -4,8 +4,8 @@ with the metadata a run needs.
 
 Reading (``read_state_dict``): ``.safetensors``, or a ``torch.save`` file loaded with ``weights_only=True``.
 A training run's ``{"model": ..., "optimizer": ..., "epoch": ...}`` is unwrapped to its state dict (under
-``state_dict``, ``model_state_dict``, ``model``, ``net`` or ``weights``), and the ``module.`` prefix that
-DataParallel adds is dropped.
+``state_dict``, ``model_state_dict``, ``model``, ``net`` or ``weights``), and the prefixes that DataParallel
+(``module.``) and ``torch.compile`` (``_orig_mod.``) add to every key are dropped.
 
 Key mappings (foreign key -> segpipe key), in ``import_state_dict``:
 
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from pipeline.config import ImportConfig
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# Prefixes wrappers add to every key: DataParallel / DistributedDataParallel, then torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "module.")
 _SHOWN = 8  # keys named per kind of mismatch before "and N more"
 # ImportConfig fields that set ModelMeta fields of the same name
 _META_FIELDS = {"class_names", "mean", "std", "palette", "input_policy", "size", "stride", "train_crop"}
@@ -62,8 +64,9 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
         obj = inner
     if not isinstance(obj, dict) or not _is_state_dict(obj):
         raise CheckpointError(f"{source} holds no state dict (name -> tensor)")
-    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DistributedDataParallel
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k.removeprefix(prefix): v for k, v in obj.items()}
     return obj
 
 
