@@ -204,7 +204,7 @@ def test_dockerfile_base_is_a_cuda_runtime_matching_the_pinned_torch_cuda():
 def test_dockerfile_installs_with_the_constraints_file():
     runs = _docker_args("RUN")
     installs = [cmd.strip() for run in runs for cmd in re.split(r"&&|;", run) if re.search(r"\bpip install\b", cmd)]
-    package = r'pip install -c deploy/constraints\.txt "\.\[cluster\]"'
+    package = r'pip install -c deploy/constraints\.txt "\.\[cluster,hf\]"'
     assert any(re.fullmatch(package, cmd) for cmd in installs), installs
     unconstrained = [cmd for cmd in installs if "-c deploy/constraints.txt" not in cmd]
     assert not unconstrained, f"every pip install must use the same pins: {unconstrained}"

@@ -277,7 +277,7 @@ def test_without_the_hf_extra_the_error_names_it(tmp_path, segformer):
 
 @pytest.fixture(scope="module")
 def route_runs(dataset, lraspp_cache, segformer, tiny_unet, tmp_path_factory, ray_local, prefect_ephemeral):
-    """The segment-dataset flow on two Ray actors, once per route; each actor loads the model itself (torchvision
+    """The segment-dataset flow on a Ray actor, once per route; the actor loads the model itself (torchvision
     from the session's TORCH_HOME, the program and the folder from their paths)."""
     from flows.segment_dataset import segment_dataset
 
@@ -289,7 +289,7 @@ def route_runs(dataset, lraspp_cache, segformer, tiny_unet, tmp_path_factory, ra
         "program": {"checkpoint_uri": str(program)},
         "hf": {"model": f"hf:{segformer[1]}"},
     }
-    common = dict(input_uri=str(dataset / "images"), shard_size=8, actors=2, batch_size=4)
+    common = dict(input_uri=str(dataset / "images"), shard_size=8, actors=1, batch_size=4)
     return {
         name: (root / name, segment_dataset(**common, output_uri=str(root / name), **fields))
         for name, fields in routes.items()

@@ -364,3 +364,29 @@ def test_a_storage_outage_while_planning_is_retried_by_the_plan_task(
         logging.getLogger("prefect").removeHandler(watch)
     assert watch.messages and "StorageUnavailable" in watch.messages[0], watch.messages
     assert result["manifest"]["status"] == "complete" and result["manifest"]["counts"]["images"] == 24
+
+
+def test_import_weights_and_programs_on_s3(s3_server, bucket, tiny_unet, tmp_path, monkeypatch):
+    """import-weights reads and writes s3:// (settings from the AWS environment); a program there runs with its
+    metadata inside, or beside it as <uri>.json."""
+    import hashlib
+
+    from test_model_sources import export
+
+    from pipeline.cli import main
+    from pipeline.models.loading import load_model
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    fs = s3_server.fs()
+    fs.put(str(export(tiny_unet, tmp_path / "p.pt2", dynamic=True)), f"{bucket}/models/p.pt2")
+    fs.pipe(f"{bucket}/models/p.pt2.json", json.dumps({"class_names": ["a", "b", "c"]}).encode())
+    embedded = f"s3://{bucket}/models/embedded.pt2"
+    assert main(["import-weights", f"s3://{bucket}/models/p.pt2", "--classes", "x,y,z", "--out", embedded]) == 0
+
+    job = {"input_uri": f"s3://{bucket}/data/images", "output_uri": f"s3://{bucket}/never"}
+    beside = load_model(load_config(**job, checkpoint_uri=f"s3://{bucket}/models/p.pt2"))
+    inside = load_model(load_config(**job, checkpoint_uri=embedded))
+    assert (beside.meta.class_names, inside.meta.class_names) == (("a", "b", "c"), ("x", "y", "z"))
+    assert inside.sha256 == hashlib.sha256(fs.cat(embedded.removeprefix("s3://"))).hexdigest()
