@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo s3-demo test test-fast lint clean
+.PHONY: install demo s3-demo test test-fast lint clean browser
 
 $(STAMP): pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ s3-demo: $(STAMP)
 	$(BIN)/segpipe make-dataset $(DEMO_DATA) --count 96 --seed 2024
 	$(BIN)/segpipe s3-demo --data $(DEMO_DATA) --folder outputs/s3-demo --config configs/demo.yaml
 
-test: $(STAMP)
+# The report test opens report.html in a real headless Chromium, from the distribution's packages.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(BIN)/pytest
 
 test-fast: $(STAMP)

@@ -9,6 +9,9 @@ METRICS_KEY = "segpipe-metrics"
 SUMMARY_KEY = "segpipe-summary"
 PROGRESS_KEY = "segpipe-progress"
 EVALUATION_KEY = "segpipe-evaluation"
+REPORT_KEY = "segpipe-report"
+DRIFT_KEY = "segpipe-drift"
+DRIFTED_TAG = "drifted"
 
 STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
 

@@ -4,10 +4,11 @@
 # annotations, and string annotations fail to resolve when a runner loads this file by path.
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -17,7 +18,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from tqdm import tqdm
 
-from flows.common import METRICS_KEY, PROGRESS_KEY, STORAGE_RETRIES, SUMMARY_KEY, transient
+from flows.common import (
+    DRIFT_KEY,
+    DRIFTED_TAG,
+    METRICS_KEY,
+    PROGRESS_KEY,
+    REPORT_KEY,
+    STORAGE_RETRIES,
+    SUMMARY_KEY,
+    transient,
+)
 from flows.parameters import config_parameters
 from pipeline.config import JobConfig
 from pipeline.execution import run_shards
@@ -75,6 +85,57 @@ def reduce_task(plan: JobPlan, summaries: list, infer_seconds: float) -> dict:
     return finalize_job(plan, summaries, infer_seconds)
 
 
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(plan: JobPlan) -> str | None:
+    """report.html (and the sample's overlays); a run is complete whatever becomes of its report."""
+    from pipeline.report.page import write_report
+
+    out = plan.cfg.outputs
+    if not out.report:
+        return None
+    try:
+        fs, root = plan.cfg.resolve(plan.cfg.output_uri)
+        sample = "sample" if out.overlays == "sample" else "none"
+        uri = write_report(fs, root, plan.cfg.resolve, out.gallery, sample, out.overlay_opacity)
+    except Exception as e:
+        get_run_logger().warning("report.html not written: %s", e)
+        return None
+    create_link_artifact(uri, link_text="report.html", key=REPORT_KEY, description="the run's report")
+    return uri
+
+
+@task(name="drift", cache_policy=NO_CACHE, retry_condition_fn=transient, **STORAGE_RETRIES)
+def drift_task(cfg: JobConfig, baseline_uri: str) -> float | None:
+    """Compare the run with the one at ``baseline_uri`` (the previous date's output), when that one finished;
+    the comparison becomes an artifact, and a PSI above ``drift.threshold`` tags the flow run."""
+    from pipeline.outputs import read_manifest
+    from pipeline.report import drift
+
+    logger = get_run_logger()
+    baseline = cfg.resolve(baseline_uri)
+    found = read_manifest(*baseline)
+    if found is None or not found.complete:
+        logger.info("no finished run at %s to compare with", baseline_uri)
+        return None
+    comparison = drift.compare_runs(baseline, cfg.resolve(cfg.output_uri))
+    threshold = cfg.drift.threshold
+    text = drift.to_markdown(comparison, threshold)
+    create_markdown_artifact(text, key=DRIFT_KEY, description=f"drift against {baseline_uri}")
+    if comparison.psi > threshold:
+        logger.warning("drift: PSI %.4f against %s is above %s", comparison.psi, baseline_uri, threshold)
+        _tag_flow_run(DRIFTED_TAG)
+    return comparison.psi
+
+
+def _tag_flow_run(tag: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.id
+    with get_client(sync_client=True) as client:
+        tags = set(client.read_flow_run(run_id).tags) | {tag}
+        client.update_flow_run(run_id, tags=sorted(tags))
+
+
 @flow(name="segment-dataset")
 @config_parameters(JobConfig)
 def segment_dataset(config_path: str | None = None, run_date: str | None = None, **fields) -> dict:
@@ -93,10 +154,28 @@ def segment_dataset(config_path: str | None = None, run_date: str | None = None,
     summaries, infer_seconds = infer_task(plan)
     result = reduce_task(plan, summaries, infer_seconds)
     manifest, metrics = Manifest.from_json(result["manifest"]), result["metrics"]
+    report_uri = report_task(plan)
+    previous = job_config(config_path, fields, when - timedelta(days=1)).output_uri
+    if previous != plan.cfg.output_uri:  # a dated output: compare with the previous date's
+        drift_task(plan.cfg, previous)
     create_table_artifact(metrics_table(metrics), key=METRICS_KEY, description="dataset and per-class metrics")
-    create_markdown_artifact(summary_markdown(manifest, metrics), key=SUMMARY_KEY, description="where, how many")
+    summary = summary_markdown(manifest, metrics, report_uri, _heatmap(plan, manifest, metrics))
+    create_markdown_artifact(summary, key=SUMMARY_KEY, description="where, how many")
     get_run_logger().info("\n%s", format_summary(manifest, metrics))
     return result
+
+
+def _heatmap(plan: JobPlan, manifest: Manifest, metrics: dict) -> bytes | None:
+    """The confusion heatmap as PNG for the summary artifact, when the run is labeled."""
+    if not metrics["labeled_pixels"]:
+        return None
+    from pipeline.outputs import CONFUSION
+    from pipeline.report.charts import confusion_heatmap
+    from pipeline.report.run_data import read_confusion
+
+    fs, root = plan.cfg.resolve(plan.cfg.output_uri)
+    names = manifest.model.class_names
+    return confusion_heatmap(read_confusion(fs, f"{root}/{CONFUSION}", len(names)), names, png=True)
 
 
 def _scheduled_date():

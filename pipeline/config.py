@@ -263,6 +263,29 @@ class InferenceConfig(BaseModel):
         return v
 
 
+class OutputsConfig(BaseModel):
+    """What a run writes beside its masks and stats: its report, and images blended with their masks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    report: bool = Field(True, description="write report.html: charts, the worst images, the errors")
+    gallery: int = Field(12, ge=0, le=200, description="worst images shown in the report")
+    overlays: Literal["none", "sample", "all"] = Field(
+        "none", description="JPEGs of each image blended with its mask under overlays/: none, the report's sample, all"
+    )
+    overlay_opacity: float = Field(0.5, ge=0, le=1, description="opacity of the mask over the image in overlays")
+
+
+class DriftConfig(BaseModel):
+    """Each run compared with a baseline run: the previous date's output for a dated (nightly) output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(
+        0.1, gt=0, description="population stability index of the class shares above which a run is marked drifted"
+    )
+
+
 class JobConfig(BaseModel):
     """Everything one segmentation job needs. Field names are the YAML keys and the flow's parameters."""
 
@@ -318,6 +341,8 @@ class JobConfig(BaseModel):
         "default: what each actor's memory can decode, memory / 16 bytes",
     )
     inference: InferenceConfig = Field(default_factory=InferenceConfig, description="whole or sliding windows, TTA")
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig, description="report and overlays")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="comparison with the previous run")
     input: InputConfig = Field(default_factory=InputConfig, description="input layout")
     labels: LabelsConfig = Field(default_factory=LabelsConfig, description="label format")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")

@@ -36,9 +36,10 @@ from pipeline.inference.predictor import Failure, Prediction, Predictor
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.models.loading import load_model
-from pipeline.outputs import ErrorKind, ImageRow, mask_path, stats_path, unsafe_image_id, write_stats
+from pipeline.outputs import ErrorKind, ImageRow, mask_path, overlay_path, stats_path, unsafe_image_id, write_stats
 from pipeline.outputs.progress import clear_segmenting, mark_segmenting
 from pipeline.palette import mask_to_png
+from pipeline.report.overlays import overlay_jpeg
 from pipeline.sources import Sample, Shard
 from pipeline.sources.layout import InputSource
 from pipeline.sources.prefetch import background
@@ -142,8 +143,9 @@ class ShardProcessor:
         with self.model_lock:
             preds = self.predictor.predict([p.image for p in ok])
         by_id = {id(p): pred for p, pred in zip(ok, preds, strict=True)}
-        for p in ok:
-            p.image = None  # the rows need only the masks: a large image's pixels go before its PNG is encoded
+        if self.cfg.outputs.overlays != "all":  # else the overlay needs the pixels: _row drops them
+            for p in ok:
+                p.image = None  # the rows need only the masks: a large image's pixels go before its PNG is encoded
         return list(self.pool.map(lambda p: self._row(shard, p, by_id.get(id(p))), prepared))
 
     def _prepare(self, sample: Sample) -> _Prepared:
@@ -191,6 +193,10 @@ class ShardProcessor:
                 label, label_error = None, f"label: {e}"
         out = mask_path(self.out_root, sample.image_id)
         storage.write_bytes(self.out_fs, out, mask_to_png(pred.mask, self.palette, self.cfg.png_compress_level))
+        if p.image is not None:  # outputs.overlays: all
+            overlay = overlay_jpeg(p.image, pred.mask, self.palette, self.cfg.outputs.overlay_opacity)
+            p.image = None
+            storage.write_bytes(self.out_fs, overlay_path(self.out_root, sample.image_id), overlay)
         return ImageRow(
             **ids,
             **image_stats(pred.mask, self.meta.num_classes, label).columns(),

@@ -179,7 +179,11 @@ def test_adhoc_run_from_the_cli_writes_outputs_and_three_artifacts(prefect_api, 
         "segpipe-metrics": "table",
         "segpipe-summary": "markdown",
         "segpipe-progress": "progress",
+        "segpipe-report": "markdown",  # a link artifact: its data is a markdown link
     }
+    assert (out / "report.html").as_uri() in found["segpipe-report"]["data"]
+    summary = found["segpipe-summary"]["data"]
+    assert "](data:image/png;base64," in summary and f"{100 * metrics['mean_iou']:.2f}%" in summary
     table = json.loads(found["segpipe-metrics"]["data"])
     assert {"metric": "mean_iou", "class": "(dataset)", "value": round(metrics["mean_iou"], 6)} in table
     assert {"metric": "iou", "class": "circle", "value": round(metrics["per_class"]["circle"]["iou"], 6)} in table
@@ -244,6 +248,15 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
     second = json.loads((out / "manifest.json").read_text())
     assert second["run_id"] == first["run_id"] and second["counts"]["shards_skipped"] == 3
     assert len(list((out / "stats").glob("part-*.parquet"))) == 3
+
+    # The next night is compared with this one: same data, so no drift, and the run is not tagged.
+    body = {"parameters": {"run_date": (when + timedelta(days=1)).strftime("%Y-%m-%d")}}
+    night = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10).json()
+    run = finished(prefect_api, night["id"])
+    assert run["state"]["type"] == "COMPLETED" and "drifted" not in run["tags"]
+    drift = artifacts(prefect_api, night["id"])["segpipe-drift"]
+    assert f"against `{out.as_uri()}`" in drift["data"]
+    assert "population stability index of the class shares: **0.0000** — stable" in drift["data"]
 
 
 def start(args: list[str], env: dict, cwd: Path, log_path: Path) -> subprocess.Popen:

@@ -198,6 +198,29 @@ def import_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from pipeline import storage
+    from pipeline.report.page import write_report
+
+    fs, root = storage.resolve(args.output)
+    print(write_report(fs, root, storage.resolve, args.gallery, args.overlays, args.opacity))
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Print the comparison as markdown; exit status 3 when ``--threshold`` is given and exceeded."""
+    from pipeline import storage
+    from pipeline.report import drift
+
+    result = drift.compare_runs(storage.resolve(args.baseline), storage.resolve(args.current))
+    print(drift.to_markdown(result, args.threshold))
+    if args.html:
+        Path(args.html).write_text(drift.to_html(result, args.threshold))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2))
+    return 3 if args.threshold is not None and result.psi > args.threshold else 0
+
+
 def s3_demo(args: argparse.Namespace) -> int:
     """The demo job with every URI on a local S3 server (SeaweedFS) that this command starts and stops."""
     import tempfile

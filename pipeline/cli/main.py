@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_import(sub)
 
+    rp = sub.add_parser("report", help="(re)build report.html of a finished run, local or s3://")
+    rp.add_argument("output", help="the run's output URI")
+    rp.add_argument("--gallery", type=int, default=12, help="worst images shown")
+    rp.add_argument(
+        "--overlays", choices=("none", "sample"), default="none", help="sample: write the gallery's overlays"
+    )
+    rp.add_argument("--opacity", type=float, default=0.5, help="of the mask over the image")
+    rp.set_defaults(fn=commands.report)
+
+    cp = sub.add_parser("compare", help="drift between two finished runs: class shares, PSI, metric changes")
+    cp.add_argument("baseline", help="output URI of the earlier run")
+    cp.add_argument("current", help="output URI of the run to compare")
+    cp.add_argument("--threshold", type=float, help="say drifted when the PSI is above it (exit status 3)")
+    cp.add_argument("--html", help="also write the comparison as a page here")
+    cp.add_argument("--json", help="also write the figures here")
+    cp.set_defaults(fn=commands.compare)
+
     s3 = sub.add_parser("s3-demo", help="the demo job on a local S3 server (SeaweedFS, from the dev extra)")
     s3.add_argument("--data", required=True, help="a dataset from `segpipe make-dataset`")
     s3.add_argument("--folder", required=True, help="where SeaweedFS keeps its data")

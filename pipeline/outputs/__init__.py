@@ -32,6 +32,7 @@ from pipeline.outputs.paths import (
     METRICS,
     committed_parts,
     mask_path,
+    overlay_path,
     stats_path,
     unsafe_image_id,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "committed_parts",
     "committed_run_id",
     "mask_path",
+    "overlay_path",
     "read_manifest",
     "read_tables",
     "reduce_confusion",

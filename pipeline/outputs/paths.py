@@ -29,6 +29,10 @@ def mask_path(root: str, image_id: str) -> str:
     return storage.join(root, "masks", f"{image_id}.png")
 
 
+def overlay_path(root: str, image_id: str) -> str:
+    return storage.join(root, "overlays", f"{image_id}.jpg")
+
+
 def unsafe_image_id(image_id: str) -> str | None:
     """Why ``image_id`` cannot name a file under masks/ (empty, absolute, a ``..`` or empty part), or None."""
     parts = image_id.split("/")

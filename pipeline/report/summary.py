@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from pipeline.outputs import Manifest
 
 
@@ -46,8 +48,11 @@ def metrics_table(metrics: dict) -> list[dict]:
     return rows
 
 
-def summary_markdown(manifest: Manifest, metrics: dict) -> str:
-    """The markdown artifact: where the outputs are, counts, throughput and model."""
+def summary_markdown(
+    manifest: Manifest, metrics: dict, report_uri: str | None = None, heatmap_png: bytes | None = None
+) -> str:
+    """The markdown artifact: where the outputs are, counts, throughput and model; the headline metrics and
+    the confusion heatmap when labeled; the report's link when there is one."""
     counts, timings, model, config = manifest.counts, manifest.timings, manifest.model, manifest.config
     ips = timings.images_per_second
     lines = [
@@ -63,7 +68,15 @@ def summary_markdown(manifest: Manifest, metrics: dict) -> str:
         f"infer {timings.infer_seconds} s, reduce {timings.reduce_seconds} s",
     ]
     if metrics["labeled_pixels"]:
-        lines.append(f"- **mean IoU**: {_pct(metrics['mean_iou'])}, pixel accuracy {_pct(metrics['pixel_accuracy'])}")
+        lines.append(
+            f"- **mean IoU**: {_pct(metrics['mean_iou'])}, pixel accuracy {_pct(metrics['pixel_accuracy'])}, "
+            f"mean accuracy {_pct(metrics['mean_accuracy'])}, "
+            f"frequency-weighted IoU {_pct(metrics['frequency_weighted_iou'])}"
+        )
+    if report_uri:
+        lines.append(f"- **report**: [{report_uri}]({report_uri})")
+    if heatmap_png:
+        lines += ["", f"![confusion, rows normalised](data:image/png;base64,{base64.b64encode(heatmap_png).decode()})"]
     return "\n".join(lines)
 
 
