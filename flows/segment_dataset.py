@@ -86,7 +86,7 @@ def reduce_task(plan: JobPlan, summaries: list, infer_seconds: float) -> dict:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(plan: JobPlan) -> str | None:
+def report_task(plan: JobPlan, drift_section: str | None) -> str | None:
     """report.html (and the sample's overlays); a run is complete whatever becomes of its report."""
     from pipeline.report.page import write_report
 
@@ -96,7 +96,7 @@ def report_task(plan: JobPlan) -> str | None:
     try:
         fs, root = plan.cfg.resolve(plan.cfg.output_uri)
         sample = "sample" if out.overlays == "sample" else "none"
-        uri = write_report(fs, root, plan.cfg.resolve, out.gallery, sample, out.overlay_opacity)
+        uri = write_report(fs, root, plan.cfg.resolve, out.gallery, sample, out.overlay_opacity, drift_section or "")
     except Exception as e:
         get_run_logger().warning("report.html not written: %s", e)
         return None
@@ -105,9 +105,10 @@ def report_task(plan: JobPlan) -> str | None:
 
 
 @task(name="drift", cache_policy=NO_CACHE, retry_condition_fn=transient, **STORAGE_RETRIES)
-def drift_task(cfg: JobConfig, baseline_uri: str) -> float | None:
+def drift_task(cfg: JobConfig, baseline_uri: str) -> str | None:
     """Compare the run with the one at ``baseline_uri`` (the previous date's output), when that one finished;
-    the comparison becomes an artifact, and a PSI above ``drift.threshold`` tags the flow run."""
+    the comparison becomes an artifact, and a PSI above ``drift.threshold`` tags the flow run. Returns the
+    comparison as a section of the report."""
     from pipeline.outputs import read_manifest
     from pipeline.report import drift
 
@@ -124,7 +125,7 @@ def drift_task(cfg: JobConfig, baseline_uri: str) -> float | None:
     if comparison.psi > threshold:
         logger.warning("drift: PSI %.4f against %s is above %s", comparison.psi, baseline_uri, threshold)
         _tag_flow_run(DRIFTED_TAG)
-    return comparison.psi
+    return drift.to_section(comparison, threshold)
 
 
 def _tag_flow_run(tag: str) -> None:
@@ -154,10 +155,10 @@ def segment_dataset(config_path: str | None = None, run_date: str | None = None,
     summaries, infer_seconds = infer_task(plan)
     result = reduce_task(plan, summaries, infer_seconds)
     manifest, metrics = Manifest.from_json(result["manifest"]), result["metrics"]
-    report_uri = report_task(plan)
     previous = job_config(config_path, fields, when - timedelta(days=1)).output_uri
-    if previous != plan.cfg.output_uri:  # a dated output: compare with the previous date's
-        drift_task(plan.cfg, previous)
+    # A dated output is compared with the previous date's; the comparison ends the report.
+    drift_section = drift_task(plan.cfg, previous) if previous != plan.cfg.output_uri else None
+    report_uri = report_task(plan, drift_section)
     create_table_artifact(metrics_table(metrics), key=METRICS_KEY, description="dataset and per-class metrics")
     summary = summary_markdown(manifest, metrics, report_uri, _heatmap(plan, manifest, metrics))
     create_markdown_artifact(summary, key=SUMMARY_KEY, description="where, how many")

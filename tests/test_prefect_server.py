@@ -257,6 +257,8 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
     drift = artifacts(prefect_api, night["id"])["segpipe-drift"]
     assert f"against `{out.as_uri()}`" in drift["data"]
     assert "population stability index of the class shares: **0.0000** — stable" in drift["data"]
+    next_report = served / "nightly" / (when + timedelta(days=1)).strftime("%Y-%m-%d") / "report.html"
+    assert "Drift against the baseline" in next_report.read_text()  # the comparison ends that night's report
 
 
 def start(args: list[str], env: dict, cwd: Path, log_path: Path) -> subprocess.Popen:

@@ -118,8 +118,8 @@ def to_markdown(c: Comparison, threshold: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def to_html(c: Comparison, threshold: float | None = None) -> str:
-    """A self-contained page: the markdown's facts as tables, and the class shares side by side."""
+def to_section(c: Comparison, threshold: float | None = None) -> str:
+    """The comparison as an HTML section: the class shares side by side, the PSI terms, the metric changes."""
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{a:.2%}</td><td>{b:.2%}</td><td>{p:.4f}</td></tr>"
         for n, a, b, p in zip(c.class_names, c.baseline_share, c.current_share, c.psi_per_class, strict=True)
@@ -127,20 +127,26 @@ def to_html(c: Comparison, threshold: float | None = None) -> str:
     deltas = ""
     if c.metric_deltas is not None:
         cells = "".join(f"<tr><td>{k}</td><td>{_signed(v)}</td></tr>" for k, v in c.metric_deltas.items())
-        deltas = f"<h2>Metrics, current − baseline</h2><table>{cells}</table>"
+        deltas = f"<h3>Metrics, current − baseline</h3><table>{cells}</table>"
     bars = charts.class_share_bars({"baseline": c.baseline_share, "current": c.current_share}, c.class_names)
     verdict = (
         "" if threshold is None else (" (drifted)" if c.psi > threshold else " (stable)") + f", threshold {threshold}"
     )
     return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>segpipe drift</title>"
-        "<style>body{font:14px system-ui,sans-serif;margin:2rem auto;max-width:1000px}td,th{padding:.2rem .7rem}"
-        "</style></head><body>"
-        f"<h1>Drift</h1><p>current <code>{html.escape(c.current)}</code><br>baseline "
+        f"<h2>Drift against the baseline</h2><p>current <code>{html.escape(c.current)}</code><br>baseline "
         f"<code>{html.escape(c.baseline)}</code></p><p>population stability index: <b>{c.psi:.4f}</b>{verdict}</p>"
         "<table><tr><th>class</th><th>baseline share</th><th>current share</th><th>PSI term</th></tr>"
         f"{rows}</table>{bars}{deltas}<p>images only in the baseline: {c.only_in_baseline}, only in the current "
-        f"run: {c.only_in_current}</p></body></html>\n"
+        f"run: {c.only_in_current}</p>"
+    )
+
+
+def to_html(c: Comparison, threshold: float | None = None) -> str:
+    """The section as a page of its own."""
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>segpipe drift</title>"
+        "<style>body{font:14px system-ui,sans-serif;margin:2rem auto;max-width:1000px}td,th{padding:.2rem .7rem}"
+        f"</style></head><body>{to_section(c, threshold)}</body></html>\n"
     )
 
 

@@ -36,9 +36,12 @@ text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums
 """
 
 
-def write_report(fs, root: str, resolve, worst: int = 12, overlays: str = "none", opacity: float = 0.5) -> str:
+def write_report(
+    fs, root: str, resolve, worst: int = 12, overlays: str = "none", opacity: float = 0.5, extra: str = ""
+) -> str:
     """Build the run's report at ``root`` and write it there; ``overlays="sample"`` also writes the gallery's
-    overlays. Returns the report's URI. ``resolve(uri) -> (fs, path)`` reads the run's input and labels."""
+    overlays; ``extra``: HTML sections to end the page with (the drift). Returns the report's URI.
+    ``resolve(uri) -> (fs, path)`` reads the run's input and labels."""
     start = time.perf_counter()
     data = load_run(fs, root, worst)
     palette = voc_colormap()  # every index a mask may hold (255: ignore), the run's colours first
@@ -49,12 +52,12 @@ def write_report(fs, root: str, resolve, worst: int = 12, overlays: str = "none"
         for shown in data.worst:
             _write_overlay(fs, root, gallery, shown, opacity)
     path = storage.join(root, REPORT)
-    storage.write_bytes(fs, path, render(data, tiles, opacity).encode())
+    storage.write_bytes(fs, path, render(data, tiles, opacity, extra).encode())
     log.info("report written in %.1f s: %s", time.perf_counter() - start, storage.to_uri(fs, path))
     return storage.to_uri(fs, path)
 
 
-def render(data: RunData, tiles: list[Tile], opacity: float = 0.5) -> str:
+def render(data: RunData, tiles: list[Tile], opacity: float = 0.5, extra: str = "") -> str:
     """The whole page as one string."""
     m = data.manifest
     sections = [f"<h1>segpipe run <code>{_e(m.run_id)}</code></h1>", _run_facts(data)]
@@ -63,6 +66,7 @@ def render(data: RunData, tiles: list[Tile], opacity: float = 0.5) -> str:
     sections.append(_predictions(data))
     sections.append(_gallery(data, tiles, opacity))
     sections.append(_errors(data))
+    sections.append(extra)
     body = "\n".join(sections)
     return (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
