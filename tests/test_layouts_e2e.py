@@ -146,3 +146,5 @@ def test_tar_shards_through_the_flow_on_ray_actors(s3_server, bucket, ray_local,
     assert flow_rows.num_rows == len(built.expected)
     assert flow_rows.drop(LOCATION_COLUMNS).equals(inline_rows.drop(LOCATION_COLUMNS))
     assert result["metrics"]["mean_iou"] == inline["metrics"]["mean_iou"]
+    report = fs.cat_file(f"{prefix}/flow/report.html").decode()  # on S3; the tars' images are not fetched
+    assert "image inside a shard: not fetched" in report and "cannot be drawn" not in report

@@ -289,7 +289,7 @@ def route_runs(dataset, lraspp_cache, segformer, tiny_unet, tmp_path_factory, ra
         "program": {"checkpoint_uri": str(program)},
         "hf": {"model": f"hf:{segformer[1]}"},
     }
-    common = dict(input_uri=str(dataset / "images"), shard_size=8, actors=1, batch_size=4)
+    common = dict(input_uri=str(dataset / "images"), shard_size=8, actors=1, batch_size=4, outputs={"report": False})
     return {
         name: (root / name, segment_dataset(**common, output_uri=str(root / name), **fields))
         for name, fields in routes.items()

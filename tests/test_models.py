@@ -57,8 +57,17 @@ def test_all_families_registered():
     assert expected <= set(list_models())
 
 
+@pytest.fixture
+def two_threads():
+    """The suite's tensors are tiny and run on one thread; these full-size forward passes take both cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_any_size_contract(name):
+def test_any_size_contract(name, two_threads):
     """Logits [N, C, H, W] at the input size, finite, and each image's independent of its batch mates."""
     torch.manual_seed(0)
     model = _perturb_(get_model(name, num_classes=5), seed=1).eval()

@@ -30,6 +30,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, pr
     data = make_dataset(tmp_path / "ds", 120, seed=11)
     common = dict(labels_uri=str(data / "labels"), checkpoint_uri=str(checkpoint), shard_size=4, actors=1)
     common["inference"] = {"mode": "slide", "tile": [96, 96]}
+    common["outputs"] = {"report": False}  # the rows are compared here; reports have their own tests
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--input", str(data / "images"), "--output", str(out),
