@@ -30,6 +30,7 @@ from flows.common import (
 )
 from flows.parameters import config_parameters
 from pipeline.config import JobConfig
+from pipeline.errors import SegpipeError
 from pipeline.execution import run_shards
 from pipeline.job import JobPlan, finalize_job, plan_job
 from pipeline.outputs import Manifest
@@ -118,7 +119,11 @@ def drift_task(cfg: JobConfig, baseline_uri: str) -> str | None:
     if found is None or not found.complete:
         logger.info("no finished run at %s to compare with", baseline_uri)
         return None
-    comparison = drift.compare_runs(baseline, cfg.resolve(cfg.output_uri))
+    try:
+        comparison = drift.compare_runs(baseline, cfg.resolve(cfg.output_uri))
+    except SegpipeError as e:  # e.g. the baseline's model had other classes: nothing to compare, not a failure
+        logger.warning("no drift comparison with %s: %s", baseline_uri, e)
+        return None
     threshold = cfg.drift.threshold
     text = drift.to_markdown(comparison, threshold)
     create_markdown_artifact(text, key=DRIFT_KEY, description=f"drift against {baseline_uri}")
