@@ -13,9 +13,7 @@ export DO_NOT_TRACK := 1
 $(STAMP): pyproject.toml deploy/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# --no-compile: byte-compiling every installed file (torch's thousands) took half the install; Python
-	# compiles the modules it imports, once, on first use.
-	$(BIN)/pip install --quiet --no-compile -c deploy/constraints.txt -e ".[dev,hf]"
+	$(BIN)/pip install --quiet -c deploy/constraints.txt -e ".[dev,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)
