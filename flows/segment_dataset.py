@@ -50,6 +50,9 @@ def infer_task(plan: JobPlan) -> tuple[list, float]:
     progress = create_progress_artifact(
         100.0 if not pending else 0.0, key=PROGRESS_KEY, description=f"shards committed of {len(pending)} to run"
     )
+    if not plan.shards:
+        logger.info("nothing new or changed in the input since the last increment")
+        return [], 0.0
     if not pending:
         logger.info("all %d shards already committed; nothing to infer", len(plan.shards))
         return [], 0.0

@@ -314,6 +314,14 @@ class JobConfig(BaseModel):
         "downloaded once into TORCH_HOME",
     )
     shard_size: int = Field(64, ge=1, description="images per shard: the unit of work, retry and commit")
+    mode: Literal["full", "incremental"] = Field(
+        "full",
+        description="full: segment the whole input (a rerun resumes it); incremental: segment only input files "
+        "new or changed since the output's last run, adding to its one result set",
+    )
+    prune_deleted: bool = Field(
+        False, description="incremental: drop the rows of input files deleted since from the result set"
+    )
     actors: int | Literal["auto"] = Field(
         1, description="Ray actors, each holding one model; auto: one per GPU (or cpus_per_actor CPUs) of the cluster"
     )
@@ -379,6 +387,12 @@ class JobConfig(BaseModel):
             raise ValueError("checkpoint_uri: required, unless weights or an hf: model gives the model")
         if len(sources) > 1:
             raise ValueError(f"{sources[-1].split()[0]}: give the model one way, not by {' and '.join(sources)}")
+        return self
+
+    @model_validator(mode="after")
+    def _prune_needs_increments(self) -> JobConfig:
+        if self.prune_deleted and self.mode != "incremental":
+            raise ValueError("prune_deleted: applies to mode: incremental only (a full run holds only what it listed)")
         return self
 
     @model_validator(mode="after")

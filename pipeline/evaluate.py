@@ -27,8 +27,8 @@ from pipeline.outputs import (
     METRICS,
     EvaluationRow,
     Manifest,
-    committed_parts,
     mask_path,
+    part_paths,
     read_manifest,
     read_tables,
     reduce_confusion,
@@ -56,7 +56,7 @@ def evaluate_output(cfg: EvaluateConfig) -> dict:
     manifest = _finished_manifest(fs, root, cfg.output_uri)
     names = manifest.model.class_names
     labels = _Labels(cfg, manifest.config.get("input", {}).get("layout", "files"))
-    ids = _image_ids(fs, root)
+    ids = _image_ids(fs, root, manifest)
     with ThreadPoolExecutor(cfg.io_threads) as pool:
         rows = list(pool.map(lambda i: labels.compare(fs, root, i, len(names)), ids))
     table = to_table(rows, EvaluationRow)
@@ -86,10 +86,10 @@ def _finished_manifest(fs, root: str, uri: str) -> Manifest:
     return manifest
 
 
-def _image_ids(fs, root: str) -> list[str]:
-    """Ids of the images that got a mask (error rows have none), from the run's stats parts."""
+def _image_ids(fs, root: str, manifest: Manifest) -> list[str]:
+    """Ids of the images that got a mask (error rows have none), from the stats parts the manifest commits."""
     ids = []
-    for table in read_tables(fs, sorted(committed_parts(fs, root).values()), ["image_id", "mask_uri"]):
+    for table in read_tables(fs, part_paths(root, manifest), ["image_id", "mask_uri"]):
         ids += [i for i, m in zip(table["image_id"].to_pylist(), table["mask_uri"].to_pylist(), strict=True) if m]
     return ids
 

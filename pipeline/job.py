@@ -1,5 +1,6 @@
 """The job's steps around inference: plan (preflight, list, shard, find committed work) and finalize
-(reduce the stats parts into metrics, then write the manifest last, as the commit).
+(reduce the stats parts into metrics, then write the manifest last, as the commit). In incremental mode
+(``pipeline.incremental``) the plan holds only what changed, and finalize brings the result set up to date.
 
 The flow in flows/ wires these with the Ray step in pipeline/execution/.
 """
@@ -11,11 +12,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError, SegpipeError
+from pipeline.incremental import (
+    IncrementPlan,
+    find_changes,
+    plan_changes,
+    read_committed,
+    remove_replaced,
+    replace_parts,
+    whole_input,
+)
 from pipeline.inference.plan import plan_inference
 from pipeline.labels import get_label_format
 from pipeline.metrics import metrics_report
@@ -25,16 +34,22 @@ from pipeline.outputs import (
     CONFUSION,
     MANIFEST,
     METRICS,
+    Increment,
     Manifest,
+    ShardEntry,
     Timings,
     build_manifest,
     committed_parts,
     committed_run_id,
     read_manifest,
+    read_tables,
     reduce_parts,
+    shard_entries,
+    stats_path,
     write_confusion,
     write_json,
 )
+from pipeline.outputs.manifest import SKIPPED, now
 from pipeline.preflight import preflight
 from pipeline.shard import ShardSummary
 from pipeline.sources import Shard, get_layout
@@ -55,10 +70,11 @@ class JobPlan:
     run_id: str
     meta: ModelMeta
     checkpoint_sha256: str
-    shards: list[Shard]
+    shards: list[Shard]  # this increment's (a full run's: all of them)
     committed: set[str] = field(default_factory=set)
     started_at: str = ""
     plan_seconds: float = 0.0
+    increment: IncrementPlan = field(default_factory=lambda: IncrementPlan(number=1))
 
     @property
     def pending(self) -> list[Shard]:
@@ -66,35 +82,41 @@ class JobPlan:
 
 
 def run_id_for(cfg: JobConfig, checkpoint_sha256: str) -> str:
-    """Deterministic: the same job into the same output keeps its id across resumes."""
-    key = cfg.model_dump(mode="json", include=_RESULT_FIELDS) | {"checkpoint_sha256": checkpoint_sha256}
+    """Deterministic: the same job into the same output keeps its id across resumes and increments."""
+    key = _identity(cfg) | {"checkpoint_sha256": checkpoint_sha256}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _identity(config: dict | JobConfig) -> dict:
+    doc = config.model_dump(mode="json") if isinstance(config, JobConfig) else config
+    return {k: v for k, v in doc.items() if k in _RESULT_FIELDS}
+
+
 def plan_job(cfg: JobConfig) -> JobPlan:
-    """Preflight, then list and shard the input and find the shards a previous attempt committed.
+    """Preflight, then list the input and plan this run's shards: all of them, or in incremental mode those of
+    the files new or changed since the output's last run; find the shards an interrupted attempt committed.
 
     Raises a SegpipeError naming the path at fault before anything is written.
     """
-    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    started_at = now()
     checked = preflight(cfg)
     start = time.perf_counter()
     cfg, source = _input(checked.cfg)
     meta, sha = checked.meta, checked.checkpoint_sha256
-    shards = source.plan(cfg.shard_size)
-    if not shards:
-        raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
     run_id = run_id_for(cfg, sha)
     out_fs, out_root = cfg.resolve(cfg.output_uri)
     out_fs.invalidate_cache()  # object-store listings are cached per process; another may have written
-    _same_job_or_none(read_manifest(out_fs, out_root), run_id, cfg.output_uri)
-    committed = _committed_shards(out_fs, out_root, shards, run_id, cfg.output_uri)
+    manifest = read_manifest(out_fs, out_root)
+    _same_job_or_none(manifest, cfg, sha, run_id)
+    plan_shards = _plan_increment if cfg.mode == "incremental" else _plan_full
+    shards, increment = plan_shards(cfg, source, manifest, out_fs, out_root)
+    committed = _committed_shards(out_fs, out_root, shards, increment, run_id, cfg)
     removed = storage.remove_temporaries(out_fs, out_root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     log.info("planned %d %s shards (%d already committed), run %s", len(shards), source.layout, len(committed), run_id)
     plan_seconds = checked.seconds + time.perf_counter() - start
-    return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, plan_seconds)
+    return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, plan_seconds, increment)
 
 
 def _input(cfg: JobConfig) -> tuple[JobConfig, InputSource]:
@@ -109,51 +131,103 @@ def _input(cfg: JobConfig) -> tuple[JobConfig, InputSource]:
     return cfg, source
 
 
-def _same_job_or_none(manifest: Manifest | None, run_id: str, uri: str) -> None:
-    """A finished run in the output must be this same job (which then resumes, redoing nothing)."""
-    if manifest is not None and manifest.run_id != run_id:
+def _same_job_or_none(manifest: Manifest | None, cfg: JobConfig, sha: str, run_id: str) -> None:
+    """A finished run in the output must be of this same job (which then resumes, or adds an increment)."""
+    if manifest is None or manifest.run_id == run_id:
+        return
+    theirs = _identity(manifest.config) | {"checkpoint_sha256": manifest.model.checkpoint_sha256}
+    ours = _identity(cfg) | {"checkpoint_sha256": sha}
+    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    raise InputError(
+        f"output {cfg.output_uri} holds results of another job (run {manifest.run_id}, this job is run {run_id}; "
+        f"they differ in {', '.join(differ) or 'their settings'}); choose a new output for this job"
+    )
+
+
+def _plan_full(cfg: JobConfig, source: InputSource, manifest: Manifest | None, *_) -> tuple[list[Shard], IncrementPlan]:
+    if manifest is not None and manifest.incremental:
         raise InputError(
-            f"output {uri} holds results of another job (run {manifest.run_id}, this job is run {run_id}); "
-            "choose an empty output or delete it"
+            f"output {cfg.output_uri} holds an incremental result set ({len(manifest.increments)} increments): "
+            "run with mode: incremental to bring it up to date, or choose a new output"
         )
+    shards = source.plan(cfg.shard_size)
+    if not shards:
+        raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
+    return shards, whole_input(shards)
 
 
-def _committed_shards(fs, root: str, shards: list[Shard], run_id: str, uri: str) -> set[str]:
-    """Shards whose stats part this same job wrote. Parts of another job in the output stop the run."""
+def _plan_increment(
+    cfg: JobConfig, source: InputSource, manifest: Manifest | None, fs, root: str
+) -> tuple[list[Shard], IncrementPlan]:
+    """The shards of the files new or changed since the output's last increment, and what leaves the set."""
+    try:
+        listing = source.list_inputs()
+    except NotImplementedError:
+        raise ConfigError(f"mode: the {source.layout} layout cannot run incrementally (it lists no versions)") from None
+    committed = read_committed(fs, root, manifest)
+    if not listing and not committed.rows:
+        raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
+    earlier = manifest.increments if manifest else []
+    number = max(len(earlier), 1) + 1 if manifest else 1  # a manifest older than increments was one run
+    changes = find_changes(listing, committed.versions)
+    shards = source.plan_increment(changes.todo, cfg.shard_size, number)
+    increment = plan_changes(number, earlier, committed, changes, cfg.prune_deleted)
+    log.info(
+        "increment %d: %d new, %d changed, %d deleted files (%d pruned); %d parts to replace",
+        *(number, increment.new_files, increment.changed_files, increment.deleted_files, increment.pruned_files),
+        len(increment.replaced),
+    )
+    return shards, increment
+
+
+def _committed_shards(fs, root: str, shards: list[Shard], increment: IncrementPlan, run_id: str, cfg: JobConfig):
+    """Shards whose stats part this same job wrote. Other parts no manifest names are left by an interrupted
+    increment of this job, and removed; in a full run, or when another job wrote them, they stop the run."""
     found = committed_parts(fs, root)
     planned = {s.shard_id for s in shards}
-    foreign = sorted(set(found) - planned)
+    stray = sorted(set(found) - planned - set(increment.kept) - set(increment.replaced))
+    ours = [key for key in stray if cfg.mode == "incremental" and committed_run_id(fs, found[key]) == run_id]
+    foreign = sorted(set(stray) - set(ours))
     if foreign:
         raise InputError(
-            f"output {uri} holds stats parts of another job (e.g. part-{foreign[0]}.parquet); "
-            "choose an empty output or delete it"
+            f"output {cfg.output_uri} holds stats parts of another job or of another listing of the input "
+            f"(e.g. part-{foreign[0]}.parquet); choose an empty output or delete it, or run with mode: "
+            "incremental to segment only what changed in the input"
         )
+    if ours:
+        storage.remove_files(fs, [found[key] for key in ours])
+        log.info("removed %d stats parts of an interrupted increment that no manifest names", len(ours))
     done = set()
-    for shard_id, path in found.items():
-        other = committed_run_id(fs, path)
+    for shard_id in planned & set(found):
+        other = committed_run_id(fs, found[shard_id])
         if other != run_id:
             raise InputError(
-                f"output {uri} holds results of another job (run {other}, this job is run {run_id}); "
-                "choose an empty output or delete it"
+                f"output {cfg.output_uri} holds results of another job (run {other}, this job is run {run_id}); "
+                "choose a new output for this job"
             )
         done.add(shard_id)
     return done
 
 
 def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: float) -> dict:
-    """Reduce every shard's stats into metrics.json and confusion_matrix.parquet; write manifest.json last.
+    """Replace the parts whose rows left the set, reduce every current part into metrics.json and
+    confusion_matrix.parquet, write manifest.json last, then delete what the set no longer holds.
 
     Returns the run's result document: ``{"manifest": <manifest.json>, "metrics": <metrics.json>}``.
     """
     start = time.perf_counter()
-    cfg, meta = plan.cfg, plan.meta
+    cfg, meta, inc = plan.cfg, plan.meta, plan.increment
     fs, root = cfg.resolve(cfg.output_uri)
     fs.invalidate_cache()  # the actors wrote the parts from other processes
     parts = committed_parts(fs, root)
     missing = [s.shard_id for s in plan.shards if s.shard_id not in parts]
     if missing:
         raise SegpipeError(f"cannot finalize: {len(missing)} shards are not committed, e.g. {missing[0]}")
-    mat, counts = reduce_parts(fs, [parts[s.shard_id] for s in plan.shards], meta.num_classes)
+    rewritten, left = replace_parts(fs, root, inc) if inc.replaced else ({}, set())
+    earlier = {**inc.kept, **rewritten}
+    mat, counts = reduce_parts(fs, [stats_path(root, key) for key in earlier], meta.num_classes)
+    new_mat, new_counts = reduce_parts(fs, [stats_path(root, s.shard_id) for s in plan.shards], meta.num_classes)
+    mat, counts = mat + new_mat, counts + new_counts
     names = list(meta.class_names)
     metrics_doc = {
         "run_id": plan.run_id,
@@ -171,19 +245,48 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         reduce_seconds=round(time.perf_counter() - start, 3),
         images_per_second=round(processed / infer_seconds, 2) if infer_seconds else None,
     )
+    increment = Increment(
+        number=inc.number,
+        started_at=plan.started_at,
+        finished_at=now(),
+        processed=new_counts.images,
+        errors=new_counts.errors,
+        images=counts.images,
+        new_files=inc.new_files,
+        changed_files=inc.changed_files,
+        deleted_files=inc.deleted_files,
+        pruned_files=inc.pruned_files,
+        parts=[s.shard_id for s in plan.shards],
+        replaced=inc.replaced,
+        rewritten=sorted(rewritten),
+    )
+    earlier_entries = [ShardEntry(shard_id=key, images=n, status=SKIPPED) for key, n in sorted(earlier.items())]
     manifest = build_manifest(
         run_id=plan.run_id,
         started_at=plan.started_at,
         config=cfg,
         meta=meta,
         checkpoint_sha256=plan.checkpoint_sha256,
-        shards=plan.shards,
-        done={s.shard_id: s.images for s in summaries},
+        shards=earlier_entries + shard_entries(plan.shards, {s.shard_id: s.images for s in summaries}),
         counts=counts,
         timings=timings,
         inference=plan_inference(cfg.inference, meta).describe(),
         model_source=model_source(cfg),
+        increments=[*inc.earlier, increment],
     )
     write_json(fs, storage.join(root, MANIFEST), manifest.to_json())
     log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))
+    if inc.replaced:
+        remove_replaced(fs, root, inc.replaced, left - _masked_ids(fs, root, plan.shards))
     return {"manifest": manifest.to_json(), "metrics": metrics_doc}
+
+
+def _masked_ids(fs, root: str, shards: list[Shard]) -> set[str]:
+    """Ids of the images this increment wrote a mask for (a changed image keeps its mask file's name)."""
+    paths = [stats_path(root, s.shard_id) for s in shards]
+    return {
+        image_id
+        for table in read_tables(fs, paths, ["image_id", "mask_uri"])
+        for image_id, mask in zip(table["image_id"].to_pylist(), table["mask_uri"].to_pylist(), strict=True)
+        if mask
+    }

@@ -121,7 +121,7 @@ class ShardProcessor:
         else:
             for chunk in _chunks(samples, self.chunk, self.chunk_pixels):
                 rows.extend(self._process(shard, chunk))
-        write_stats(self.out_fs, stats_path(self.out_root, shard.shard_id), rows, self.run_id)
+        write_stats(self.out_fs, stats_path(self.out_root, shard.shard_id), rows, self.run_id, shard.sources())
         return ShardSummary(
             shard_id=shard.shard_id,
             images=len(rows),
@@ -177,7 +177,7 @@ class ShardProcessor:
         """Convert and check the label, write the mask, and build the image's stats row."""
         sample = p.sample
         ids = {"run_id": self.run_id, "image_id": sample.image_id, "source_uri": sample.source_uri}
-        ids |= {"shard_id": shard.shard_id, "model": self.cfg.model}
+        ids |= {"shard_id": shard.shard_id, "model": self.cfg.model, "increment": shard.increment}
         if isinstance(pred, Failure):
             log.warning("shard %s, image %s: %s", shard.shard_id, sample.image_id, pred.reason)
             return ImageRow.failed(**ids, error=pred.reason, error_kind=ErrorKind.MODEL)

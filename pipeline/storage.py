@@ -68,11 +68,20 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    """Delete ``paths``; one already gone is no error."""
+    for path in paths:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+
 def remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Delete temporary files a killed run left under ``root``; returns how many."""
-    if not fs.exists(root):
+    """Delete temporary files a killed run left under ``root``; returns how many. Only a local disk has
+    them (an object store publishes a PUT whole), so an object store's output is not listed for them."""
+    if not isinstance(fs, LocalFileSystem) or not fs.exists(root):
         return 0
     stale = [p for p in fs.find(root) if TMP_MARK in posixpath.basename(p)]
-    for p in stale:
-        fs.rm_file(p)
+    remove_files(fs, stale)
     return len(stale)

@@ -49,6 +49,7 @@ def _stats_part(rng: np.random.Generator, rows: int) -> list[ImageRow]:
                 error=None,
                 error_kind=None,
                 model="bench",
+                increment=1,
             )
         )
     return out
@@ -104,5 +105,5 @@ def _parquet(rows: list[dict]) -> bytes:
     from fsspec.implementations.memory import MemoryFileSystem
 
     mem = MemoryFileSystem(skip_instance_cache=True)
-    write_stats(mem, "/part.parquet", rows, "bench")
+    write_stats(mem, "/part.parquet", rows, "bench", {})
     return mem.cat_file("/part.parquet")

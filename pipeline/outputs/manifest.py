@@ -15,7 +15,7 @@ import fsspec
 
 from pipeline import __version__, storage
 from pipeline.errors import InputError
-from pipeline.outputs.paths import MANIFEST
+from pipeline.outputs.paths import MANIFEST, stats_path
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -58,6 +58,26 @@ class ShardEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Increment:
+    """One run into the output's result set: what it found changed in the input and what it wrote.
+    A full run is one increment; an incremental output gains one per run."""
+
+    number: int
+    started_at: str
+    finished_at: str
+    processed: int  # images it segmented (rows of its new parts), errors included
+    errors: int  # error rows among them
+    images: int  # images in the result set once it committed
+    new_files: int  # input files not in the result set before
+    changed_files: int  # input files whose version changed: their earlier rows left the set
+    deleted_files: int  # files of the result set no longer listed in the input
+    pruned_files: int  # of those, files whose rows left the set (prune_deleted)
+    parts: list[str]  # the stats parts (shard ids) it wrote
+    replaced: list[str]  # earlier parts it replaced, each by a part without the rows that left the set
+    rewritten: list[str]  # those replacement parts (a replaced part left with no row has none)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Timings:
     plan_seconds: float
     infer_seconds: float
@@ -78,10 +98,15 @@ class Manifest:
     shards: list[ShardEntry]
     timings: Timings
     inference: dict[str, Any] = field(default_factory=dict)  # the resolved mode, tile, overlap, blend, TTA views
+    increments: list[Increment] = field(default_factory=list)  # oldest first; the last one wrote this manifest
 
     @property
     def complete(self) -> bool:
         return self.status == COMPLETE
+
+    @property
+    def incremental(self) -> bool:
+        return self.config.get("mode") == "incremental" or len(self.increments) > 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +119,7 @@ class Manifest:
             "counts": RunCounts(**doc["counts"]),
             "shards": [ShardEntry(**s) for s in doc["shards"]],
             "timings": Timings(**doc["timings"]),
+            "increments": [Increment(**i) for i in doc.get("increments", [])],
         }
         return cls(**(doc | parts))
 
@@ -105,21 +131,20 @@ def build_manifest(
     config: JobConfig,
     meta: ModelMeta,
     checkpoint_sha256: str,
-    shards: list[Shard],
-    done: dict[str, int],
+    shards: list[ShardEntry],
     counts: RowCounts,
     timings: Timings,
     inference: dict[str, Any],
     model_source: str,
+    increments: list[Increment],
 ) -> Manifest:
-    """The manifest of a run whose every shard is committed; ``done``: shard id -> images, of the shards this
-    attempt ran (the others were committed by an earlier one)."""
+    """The manifest of a result set whose every part in ``shards`` is committed."""
     names = list(meta.class_names)
     return Manifest(
         run_id=run_id,
         status=COMPLETE,
         started_at=started_at,
-        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        finished_at=increments[-1].finished_at,
         code_version=__version__,
         config=config.model_dump(mode="json"),
         model=ModelInfo(
@@ -138,19 +163,30 @@ def build_manifest(
             errors=counts.errors,
             labeled=counts.labeled,
             shards=len(shards),
-            shards_skipped=len(shards) - len(done),
+            shards_skipped=sum(s.status != PROCESSED for s in shards),
             error_kinds=dict(sorted(counts.error_kinds.items())),
         ),
-        shards=[_entry(s, done.get(s.shard_id)) for s in shards],
+        shards=shards,
         timings=timings,
         inference=inference,
+        increments=increments,
     )
+
+
+def shard_entries(shards: list[Shard], done: dict[str, int]) -> list[ShardEntry]:
+    """The entries of a plan's ``shards``; ``done``: shard id -> images, of the shards this attempt ran (the
+    others were committed by an earlier one)."""
+    return [_entry(s, done.get(s.shard_id)) for s in shards]
 
 
 def _entry(shard: Shard, images: int | None) -> ShardEntry:
     if images is None:
         return ShardEntry(shard_id=shard.shard_id, images=shard.images, status=SKIPPED)
     return ShardEntry(shard_id=shard.shard_id, images=images, status=PROCESSED)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
@@ -167,6 +203,12 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
         return Manifest.from_json(json.loads(data))
     except (ValueError, TypeError, KeyError) as e:
         raise InputError(f"{storage.to_uri(fs, path)} is not a segpipe manifest: {e!r}") from e
+
+
+def part_paths(root: str, manifest: Manifest) -> list[str]:
+    """The stats parts of the result set ``manifest`` commits: what a reader should read. A listing of stats/
+    is the same set once a run has finished, but while an increment runs it also holds that run's parts."""
+    return [stats_path(root, s.shard_id) for s in manifest.shards]
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict) -> None:

@@ -60,26 +60,14 @@ class ImageRow:
     error: str | None = column(pa.string())
     error_kind: str | None = column(pa.string())  # an ErrorKind value, null when fine
     model: str | None = column(pa.string())
+    increment: int = column(pa.int32())  # the increment of the output's result set that wrote it (a full run: 1)
 
     @classmethod
-    def failed(
-        cls,
-        *,
-        run_id: str,
-        image_id: str,
-        source_uri: str,
-        shard_id: str,
-        model: str | None,
-        error: str,
-        error_kind: ErrorKind,
-    ):
-        """The row of an image that could not be segmented: why, and nothing else."""
+    def failed(cls, *, error: str, error_kind: ErrorKind, **ids):
+        """The row of an image that could not be segmented: its ids (run, image, source, shard, model), why,
+        and nothing else."""
         return cls(
-            run_id=run_id,
-            image_id=image_id,
-            source_uri=source_uri,
-            shard_id=shard_id,
-            model=model,
+            **ids,
             error=error,
             error_kind=error_kind,
             width=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from pipeline.metrics import ConfusionMatrix
 from pipeline.outputs.rows import ImageRow, to_table
 
 RUN_ID_KEY = b"segpipe.run_id"
+SOURCES_KEY = b"segpipe.sources"  # JSON: input file (relative to the input root) -> its version when listed
 _REDUCE_FETCH = 32  # files the reduce fetches at once (a stats part is KBs to a few MB)
 
 
@@ -28,20 +30,37 @@ def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> No
     storage.write_bytes(fs, path, buf.getvalue())
 
 
-def write_stats(fs: fsspec.AbstractFileSystem, path: str, rows: list[ImageRow], run_id: str) -> None:
-    """One shard's rows, tagged with the run id (how a resumed run recognises its own parts)."""
+def write_stats(
+    fs: fsspec.AbstractFileSystem, path: str, rows: list[ImageRow], run_id: str, sources: dict[str, str]
+) -> None:
+    """One shard's rows, tagged with the run id (how a resumed run recognises its own parts) and with the
+    input files they came from at their listed versions (what an incremental run compares with the input)."""
     table = to_table(rows, ImageRow)
-    write_table(fs, path, table.replace_schema_metadata({RUN_ID_KEY: run_id.encode()}))
+    write_table(fs, path, table.replace_schema_metadata(stats_metadata(run_id, sources)))
+
+
+def stats_metadata(run_id: str, sources: dict[str, str]) -> dict[bytes, bytes]:
+    return {RUN_ID_KEY: run_id.encode(), SOURCES_KEY: json.dumps(sources, sort_keys=True).encode()}
+
+
+def part_sources(metadata: dict[bytes, bytes] | None) -> dict[str, str] | None:
+    """The input files a stats part's rows came from, with their versions; None when it does not say (a part
+    written before incremental runs, or by a layout that lists no versions)."""
+    raw = (metadata or {}).get(SOURCES_KEY)
+    return json.loads(raw) if raw else None
 
 
 def committed_run_id(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """The run id a committed stats part was written by (None if the file is absent)."""
     try:
         with fs.open(path, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
+            return part_run_id(pq.read_schema(f).metadata)
     except FileNotFoundError:
         return None
-    return meta.get(RUN_ID_KEY, b"").decode() or None
+
+
+def part_run_id(metadata: dict[bytes, bytes] | None) -> str | None:
+    return (metadata or {}).get(RUN_ID_KEY, b"").decode() or None
 
 
 def write_confusion(fs: fsspec.AbstractFileSystem, path: str, mat: np.ndarray, class_names: list[str]) -> None:
@@ -58,6 +77,14 @@ class RowCounts:
     errors: int = 0
     labeled: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)  # error rows by ErrorKind (stats parts only)
+
+    def __add__(self, other: RowCounts) -> RowCounts:
+        return RowCounts(
+            self.images + other.images,
+            self.errors + other.errors,
+            self.labeled + other.labeled,
+            self.error_kinds + other.error_kinds,
+        )
 
 
 def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.ndarray, RowCounts]:
@@ -82,9 +109,21 @@ def reduce_parts(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes: i
 
 
 def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> Iterator[pa.Table]:
-    """The files' ``columns`` in order, fetched many at once (on S3 one GET after another would dominate the
-    reduce), one bounded group at a time."""
+    """The files' ``columns`` in order."""
+    for blob in fetch_all(fs, paths):
+        yield pq.read_table(pa.BufferReader(blob), columns=columns)
+
+
+def read_sources(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[tuple[dict[str, str] | None, int]]:
+    """Each stats part's ``part_sources`` and row count, in order, from its footer alone."""
+    for blob in fetch_all(fs, paths):
+        meta = pq.read_metadata(pa.BufferReader(blob))
+        yield part_sources(meta.metadata), meta.num_rows
+
+
+def fetch_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[bytes]:
+    """The files' bytes in order, fetched many at once (on S3 one GET after another would dominate a reduce
+    over thousands of parts), one bounded group at a time."""
     with ThreadPoolExecutor(_REDUCE_FETCH) as pool:
         for group in range(0, len(paths), _REDUCE_FETCH):
-            for blob in pool.map(fs.cat_file, paths[group : group + _REDUCE_FETCH]):
-                yield pq.read_table(pa.BufferReader(blob), columns=columns)
+            yield from pool.map(fs.cat_file, paths[group : group + _REDUCE_FETCH])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.outputs import committed_parts, read_tables
+from pipeline.outputs import Manifest, part_paths, read_tables
 from pipeline.report import charts
 from pipeline.report.run_data import load_run
 
@@ -73,7 +73,7 @@ def compare_runs(baseline: tuple, current: tuple) -> Comparison:
     a, b = load_run(*baseline, worst=0), load_run(*current, worst=0)
     if a.class_names != b.class_names:
         raise InputError(f"runs {a.uri} and {b.uri} have different classes: {a.class_names} vs {b.class_names}")
-    ids_a, ids_b = _image_ids(*baseline), _image_ids(*current)
+    ids_a, ids_b = _image_ids(baseline[0], baseline[1], a.manifest), _image_ids(current[0], current[1], b.manifest)
     deltas = None
     if a.labeled and b.labeled:
         deltas = {k: _delta(b.metrics[k], a.metrics[k]) for k in _METRICS}
@@ -150,9 +150,9 @@ def to_html(c: Comparison, threshold: float | None = None) -> str:
     )
 
 
-def _image_ids(fs, root: str) -> set[str]:
+def _image_ids(fs, root: str, manifest: Manifest) -> set[str]:
     ids: set[str] = set()
-    for table in read_tables(fs, sorted(committed_parts(fs, root).values()), ["image_id"]):
+    for table in read_tables(fs, part_paths(root, manifest), ["image_id"]):
         ids.update(table["image_id"].to_pylist())
     return ids
 

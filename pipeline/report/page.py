@@ -17,6 +17,7 @@ from pipeline.palette import voc_colormap
 from pipeline.report import charts
 from pipeline.report.gallery import Gallery, Tile
 from pipeline.report.run_data import RunData, load_run
+from pipeline.report.summary import increment_line
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def _run_facts(data: RunData) -> str:
         ("from", m.model.source or f"checkpoint {m.model.checkpoint_uri}"),
         ("sha256", m.model.checkpoint_sha256),
         ("images", f"{c.images:,} ({c.errors:,} errors{': ' + kinds if kinds else ''}; {c.labeled:,} labeled)"),
-        ("shards", f"{c.shards:,} ({c.shards_skipped:,} skipped: committed by an earlier attempt)"),
+        ("shards", f"{c.shards:,} ({c.shards_skipped:,} skipped: committed by an earlier attempt or increment)"),
+        *([("increment", line.removeprefix("increment "))] if (line := increment_line(m)) else []),
         ("throughput", f"{t.images_per_second if t.images_per_second is not None else 'n/a'} images/s"),
         ("timings", f"plan {t.plan_seconds} s, infer {t.infer_seconds} s, reduce {t.reduce_seconds} s"),
         ("inference", ", ".join(f"{k} {v}" for k, v in m.inference.items()) or "n/a"),

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError
-from pipeline.outputs import CONFUSION, METRICS, Manifest, committed_parts, read_manifest, read_tables
+from pipeline.outputs import CONFUSION, METRICS, Manifest, part_paths, read_manifest, read_tables
 
 COLUMNS = [
     *("image_id", "source_uri", "mask_uri", "label_uri", "class_pixels", "mean_confidence", "labeled"),
@@ -80,8 +80,7 @@ def load_run(fs, root: str, worst: int = 12) -> RunData:
     metrics = json.loads(fs.cat_file(storage.join(root, METRICS)))
     names = manifest.model.class_names
     confusion = read_confusion(fs, storage.join(root, CONFUSION), len(names))
-    parts = sorted(committed_parts(fs, root).values())
-    agg = aggregate(read_tables(fs, parts, COLUMNS), len(names), worst)
+    agg = aggregate(read_tables(fs, part_paths(root, manifest), COLUMNS), len(names), worst)
     ranked_by = "mean IoU" if agg.by_iou else "confidence"
     return RunData(
         uri=uri,

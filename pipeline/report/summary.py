@@ -17,6 +17,18 @@ def _errors(counts) -> str:
     return f"{counts.errors} errors" + (f" ({kinds})" if kinds else "")
 
 
+def increment_line(manifest: Manifest) -> str | None:
+    """``increment 3: 35 images segmented (30 new, 5 changed, 3 deleted files, 3 pruned)``, for an incremental
+    result set; None for a full run."""
+    if not manifest.incremental or not manifest.increments:
+        return None
+    i = manifest.increments[-1]
+    return (
+        f"increment {i.number}: {i.processed} images segmented ({i.new_files} new, {i.changed_files} changed, "
+        f"{i.deleted_files} deleted files, {i.pruned_files} pruned)"
+    )
+
+
 def format_summary(manifest: Manifest, metrics: dict) -> str:
     counts, timings = manifest.counts, manifest.timings
     ips = timings.images_per_second
@@ -27,6 +39,8 @@ def format_summary(manifest: Manifest, metrics: dict) -> str:
         f"throughput {ips if ips is not None else 'n/a'} images/s  "
         f"(plan {timings.plan_seconds}s, infer {timings.infer_seconds}s, reduce {timings.reduce_seconds}s)",
     ]
+    if increment := increment_line(manifest):
+        lines.insert(1, increment)
     if metrics["labeled_pixels"]:
         lines += [
             f"pixel accuracy {_pct(metrics['pixel_accuracy'])}  mean accuracy {_pct(metrics['mean_accuracy'])}  "
@@ -67,6 +81,8 @@ def summary_markdown(
         f"- **throughput**: {ips if ips is not None else 'n/a'} images/s; plan {timings.plan_seconds} s, "
         f"infer {timings.infer_seconds} s, reduce {timings.reduce_seconds} s",
     ]
+    if increment := increment_line(manifest):
+        lines.insert(6, f"- {increment}")
     if metrics["labeled_pixels"]:
         lines.append(
             f"- **mean IoU**: {_pct(metrics['mean_iou'])}, pixel accuracy {_pct(metrics['pixel_accuracy'])}, "

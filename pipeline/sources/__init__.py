@@ -14,14 +14,27 @@ Importing this package registers them.
 from pipeline.sources import files as _files  # noqa: F401  (each module registers its layout)
 from pipeline.sources import parquet as _parquet  # noqa: F401
 from pipeline.sources import webdataset as _webdataset  # noqa: F401
-from pipeline.sources.base import Layout, Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.base import (
+    InputFile,
+    Layout,
+    Sample,
+    Shard,
+    content_version,
+    file_path,
+    increment_shard_id,
+    list_files,
+    shard_id_for,
+)
 from pipeline.sources.registry import get_layout, list_layouts, register_layout
 
 __all__ = [
+    "InputFile",
     "Layout",
     "Sample",
     "Shard",
+    "content_version",
     "file_path",
+    "increment_shard_id",
     "get_layout",
     "list_files",
     "list_layouts",

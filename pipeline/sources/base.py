@@ -27,6 +27,32 @@ class Shard:
     member: str | None = None  # webdataset / parquet: the tar or Parquet file, relative to the input root
     row_groups: tuple[int, int] | None = None  # parquet: row groups [start, stop) of ``member``
     images: int | None = None  # how many images it holds, when the listing tells (not for tars)
+    versions: tuple[str, ...] = ()  # the listed version of each input file: one per item, or member's
+    increment: int = 1  # the increment of the output's result set it belongs to (a full run is one)
+
+    def sources(self) -> dict[str, str]:
+        """Its input files (relative to the input root) with their listed versions; empty when not listed."""
+        return dict(zip(self.items or (self.member,), self.versions, strict=False))
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file as listed: its path relative to the input root, its size, and its content version."""
+
+    path: str
+    size: int
+    version: str
+
+
+def content_version(info: dict) -> str:
+    """The version a listing gives a file, which changes when its content does: the object's ETag where the
+    store gives one (S3, GCS, Azure), else its size and modification time (a local disk). The prefix says which."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if info.get(k)), None)
+    stamp = mtime.isoformat() if hasattr(mtime, "isoformat") else repr(mtime)
+    return f"size+mtime:{info['size']}:{stamp}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,23 @@ class Layout(ABC):
     ) -> Iterator[Sample]:
         """Stream ``shard``'s samples in a stable order; ``pool`` is the actor's IO thread pool."""
 
+    def list_inputs(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> list[InputFile]:
+        """Every input file under ``root`` with its version, sorted: what an incremental run compares with the
+        rows already in the output. A layout without it runs in full mode only."""
+        raise NotImplementedError
+
+    def plan_increment(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        cfg: InputConfig,
+        files: list[InputFile],
+        shard_size: int,
+        increment: int,
+    ) -> list[Shard]:
+        """Shards of ``files`` (some of ``list_inputs``) for ``increment``, named by ``increment_shard_id``."""
+        raise NotImplementedError
+
     def sample_name(self, image_id: str) -> str:
         """The image's ``Sample.name`` (what annotation tools call it), recovered from its image_id alone."""
         return image_id
@@ -89,21 +132,30 @@ def shard_id_for(position: int, *members: object) -> str:
 
 def list_files(
     fs: fsspec.AbstractFileSystem, root: str, suffixes: tuple[str, ...], ignore_prefixes: tuple[str, ...] = (".",)
-) -> list[tuple[str, int]]:
-    """``(path relative to root, size)`` of every file under ``root`` ending with one of ``suffixes``, sorted.
+) -> list[InputFile]:
+    """Every file under ``root`` ending with one of ``suffixes`` (any case), sorted by path, from one listing.
 
     Files and folders whose name starts with one of ``ignore_prefixes`` are skipped. A ``root`` that is itself
     such a file lists as its basename: read it back with ``file_path``.
     """
     if root.lower().endswith(suffixes) and fs.isfile(root):
-        return [(posixpath.basename(root), fs.size(root))]
+        info = fs.info(root)
+        return [InputFile(posixpath.basename(root), info["size"], content_version(info))]
     prefix = root.rstrip("/") + "/"
     found = []
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(prefix) :]
         if rel.lower().endswith(suffixes) and not any(part.startswith(ignore_prefixes) for part in rel.split("/")):
-            found.append((rel, info["size"]))
-    return sorted(found)
+            found.append(InputFile(rel, info["size"], content_version(info)))
+    return sorted(found, key=lambda f: f.path)
+
+
+def increment_shard_id(increment: int, *members: object) -> str:
+    """``iNNNN-<digest>``: a shard of an incremental run, named by its increment and what it holds (file paths
+    with their versions), not by its position: the same files give the same id when the increment is resumed,
+    however much else the listing gained or lost."""
+    digest = hashlib.sha256("\n".join(map(str, members)).encode()).hexdigest()[:10]
+    return f"i{increment:04d}-{digest}"
 
 
 def file_path(root: str, member: str) -> str:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import fsspec
 
 from pipeline import storage
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources.base import Layout, Sample, Shard, shard_id_for
+from pipeline.sources.base import (
+    InputFile,
+    Layout,
+    Sample,
+    Shard,
+    content_version,
+    increment_shard_id,
+    shard_id_for,
+)
 from pipeline.sources.prefetch import ordered_prefetch
 from pipeline.sources.registry import register_layout
 
@@ -19,21 +29,28 @@ if TYPE_CHECKING:
     from pipeline.config import InputConfig
 
 
-def list_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Relative paths of every image file under ``root``, sorted (hidden files and folders skipped)."""
+def list_inputs(fs: fsspec.AbstractFileSystem, root: str) -> list[InputFile]:
+    """Every image file under ``root`` with its version, sorted by path (hidden files and folders skipped)."""
     prefix = root.rstrip("/") + "/"
-    rels = []
-    for path in fs.find(root):
+    found = []
+    for path, info in fs.find(root, detail=True).items():
         rel = path[len(prefix) :] if path.startswith(prefix) else posixpath.basename(path)
         if any(part.startswith(".") for part in rel.split("/")):
             continue
         if rel.lower().endswith(IMAGE_EXTENSIONS):
-            rels.append(rel)
-    return sorted(rels)
+            found.append(InputFile(rel, info["size"], content_version(info)))
+    return sorted(found, key=lambda f: f.path)
+
+
+def list_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Relative paths of every image file under ``root``, sorted (hidden files and folders skipped)."""
+    return [f.path for f in list_inputs(fs, root)]
 
 
 def plan(fs: fsspec.AbstractFileSystem, root: str, shard_size: int) -> list[Shard]:
-    return make_shards(list_images(fs, root), shard_size)
+    files = list_inputs(fs, root)
+    version = {f.path: f.version for f in files}
+    return [replace(s, versions=tuple(version[p] for p in s.items)) for s in make_shards(list(version), shard_size)]
 
 
 def make_shards(rel_paths: list[str], shard_size: int) -> list[Shard]:
@@ -46,6 +63,33 @@ def make_shards(rel_paths: list[str], shard_size: int) -> list[Shard]:
         items = tuple(paths[start : start + shard_size])
         shards.append(Shard(shard_id_for(n, *items), items=items, images=len(items)))
     return shards
+
+
+def plan_increment(files: list[InputFile], shard_size: int, increment: int) -> list[Shard]:
+    """Shards of ``files`` for an incremental run, cut where ``stable_groups`` cuts and named by what they hold."""
+    shards = []
+    for group in stable_groups(sorted(files, key=lambda f: f.path), shard_size):
+        items, versions = tuple(f.path for f in group), tuple(f.version for f in group)
+        shard_id = increment_shard_id(increment, *(f"{p}@{v}" for p, v in zip(items, versions, strict=True)))
+        shards.append(Shard(shard_id, items=items, images=len(items), versions=versions, increment=increment))
+    return shards
+
+
+def stable_groups(files: list[InputFile], shard_size: int) -> list[list[InputFile]]:
+    """Consecutive files, cut after a file whose path hashes to a cut (one in ``shard_size``) or after twice
+    ``shard_size`` files. A cut depends on its own path (and, past the cap, on the group's first), so
+    leaving whole groups out (a resumed increment skipping its committed shards) or adding a file (one that
+    arrived meanwhile) changes no other group: their shard ids, and so their committed parts, still match."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    groups, group = [], []
+    for f in files:
+        group.append(f)
+        cut = int.from_bytes(hashlib.sha256(f.path.encode()).digest()[:8], "big") % shard_size == 0
+        if cut or len(group) == 2 * shard_size:
+            groups.append(group)
+            group = []
+    return groups + [group] if group else groups
 
 
 def read(fs: fsspec.AbstractFileSystem, root: str, shard: Shard, pool: Executor, ahead: int = 16) -> Iterator[Sample]:
@@ -78,6 +122,20 @@ class FilesLayout(Layout):
 
     def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
         return plan(fs, root, shard_size)
+
+    def list_inputs(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> list[InputFile]:
+        return list_inputs(fs, root)
+
+    def plan_increment(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        cfg: InputConfig,
+        files: list[InputFile],
+        shard_size: int,
+        increment: int,
+    ) -> list[Shard]:
+        return plan_increment(files, shard_size, increment)
 
     def read(
         self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import fsspec
 
 from pipeline.errors import InputError
-from pipeline.sources.base import Layout, Sample, Shard
+from pipeline.sources.base import InputFile, Layout, Sample, Shard
 from pipeline.sources.registry import get_layout, list_layouts
 
 if TYPE_CHECKING:
@@ -70,6 +70,13 @@ class InputSource:
 
     def plan(self, shard_size: int) -> list[Shard]:
         return self._impl.plan(self.fs, self.root, self.cfg, shard_size)
+
+    def list_inputs(self) -> list[InputFile]:
+        """Every input file with its version; NotImplementedError when the layout cannot tell them."""
+        return self._impl.list_inputs(self.fs, self.root, self.cfg)
+
+    def plan_increment(self, files: list[InputFile], shard_size: int, increment: int) -> list[Shard]:
+        return self._impl.plan_increment(self.fs, self.root, self.cfg, files, shard_size, increment)
 
     def read(self, shard: Shard, pool: Executor) -> Iterator[Sample]:
         return self._impl.read(self.fs, self.root, shard, self.cfg, pool)

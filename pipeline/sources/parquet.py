@@ -7,8 +7,9 @@ does, so Spark's ``_temporary/`` output and ``.crc`` files are not read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -16,7 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.sources.base import Layout, Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.base import (
+    InputFile,
+    Layout,
+    Sample,
+    Shard,
+    file_path,
+    increment_shard_id,
+    list_files,
+    shard_id_for,
+)
 from pipeline.sources.registry import register_layout
 from pipeline.storage import to_uri
 
@@ -25,6 +35,7 @@ if TYPE_CHECKING:
 
 SUFFIX = ".parquet"
 FOOTER_THREADS = 16  # footers are small reads: the listing's latency, not bandwidth, is what threads hide
+IGNORE = (".", "_")  # pyarrow.dataset's hidden prefixes
 BATCH_ROWS = 64  # rows decoded at a time: an actor holds one row group's compressed columns and one batch
 
 
@@ -41,19 +52,50 @@ def plan(
     ``root`` is a folder, or one ``.parquet`` file: its shards' member is then its basename, and ``read``
     takes the same ``root``. Only the footers are read; a file whose columns do not fit raises InputError.
     """
+    files = list_files(fs, root, (SUFFIX,), ignore_prefixes=IGNORE)
+    return shards_of(fs, root, files, shard_size, (image_column, label_column, id_column))
+
+
+def plan_increment(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    files: list[InputFile],
+    shard_size: int,
+    increment: int,
+    columns: tuple[str, str | None, str | None] = ("image", None, None),
+) -> list[Shard]:
+    """The shards of ``files`` for an incremental run, named by file, version and row groups."""
+
+    def name(_: int, f: InputFile, start: int, stop: int) -> str:
+        return increment_shard_id(increment, f.path, f.version, start, stop)
+
+    shards = shards_of(fs, root, files, shard_size, columns, name)
+    return [replace(s, increment=increment) for s in shards]
+
+
+def shards_of(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    files: list[InputFile],
+    shard_size: int,
+    columns: tuple[str, str | None, str | None],
+    name: Callable[[int, InputFile, int, int], str] | None = None,
+) -> list[Shard]:
+    """Cut each of ``files`` into row-group ranges (``columns``: image, label, id); ``name(position, file,
+    start, stop)`` names a shard, by default by its position in the plan."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
-    files = list_files(fs, root, (SUFFIX,), ignore_prefixes=(".", "_"))
-    paths = [file_path(root, rel) for rel, _ in files]
+    name = name or (lambda n, f, start, stop: shard_id_for(n, f.path, f.size, start, stop))
+    paths = [file_path(root, f.path) for f in files]
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths) or 1)) as pool:
         footers = list(pool.map(lambda path: _footer(fs, path), paths))
     shards = []
-    for (rel, size), path, (schema, meta) in zip(files, paths, footers, strict=True):
-        _check_schema(to_uri(fs, path), schema, image_column, label_column, id_column)
+    for f, path, (schema, meta) in zip(files, paths, footers, strict=True):
+        _check_schema(to_uri(fs, path), schema, *columns)
         counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         for start, stop, rows in cut_row_groups(counts, shard_size):
-            shard_id = shard_id_for(len(shards), rel, size, start, stop)
-            shards.append(Shard(shard_id, member=rel, row_groups=(start, stop), images=rows))
+            shard_id = name(len(shards), f, start, stop)
+            shards.append(Shard(shard_id, member=f.path, row_groups=(start, stop), images=rows, versions=(f.version,)))
     return shards
 
 
@@ -160,6 +202,21 @@ class ParquetLayout(Layout):
 
     def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
         return plan(fs, root, shard_size, cfg.image_column, cfg.label_column, cfg.id_column)
+
+    def list_inputs(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> list[InputFile]:
+        return list_files(fs, root, (SUFFIX,), ignore_prefixes=IGNORE)
+
+    def plan_increment(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        cfg: InputConfig,
+        files: list[InputFile],
+        shard_size: int,
+        increment: int,
+    ) -> list[Shard]:
+        columns = (cfg.image_column, cfg.label_column, cfg.id_column)
+        return plan_increment(fs, root, files, shard_size, increment, columns)
 
     def read(
         self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor

@@ -21,7 +21,16 @@ from typing import IO, TYPE_CHECKING
 import fsspec
 
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.sources.base import Layout, Sample, Shard, file_path, list_files, shard_id_for
+from pipeline.sources.base import (
+    InputFile,
+    Layout,
+    Sample,
+    Shard,
+    file_path,
+    increment_shard_id,
+    list_files,
+    shard_id_for,
+)
 from pipeline.sources.registry import register_layout
 from pipeline.storage import to_uri
 
@@ -39,7 +48,16 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_
 def plan(fs: fsspec.AbstractFileSystem, root: str) -> list[Shard]:
     """One shard per tar under ``root`` (or ``root`` itself, a tar); the size in the id tells a rewritten tar."""
     tars = list_files(fs, root, TAR_SUFFIXES)
-    return [Shard(shard_id_for(n, rel, size), member=rel) for n, (rel, size) in enumerate(tars)]
+    return [Shard(shard_id_for(n, f.path, f.size), member=f.path, versions=(f.version,)) for n, f in enumerate(tars)]
+
+
+def plan_increment(files: list[InputFile], increment: int) -> list[Shard]:
+    """One shard per tar of ``files``, named by the tar and its version."""
+    shards = []
+    for f in files:
+        shard_id = increment_shard_id(increment, f.path, f.version)
+        shards.append(Shard(shard_id, member=f.path, versions=(f.version,), increment=increment))
+    return shards
 
 
 def read(fs: fsspec.AbstractFileSystem, root: str, shard: Shard, label_suffix: str = "seg.png") -> Iterator[Sample]:
@@ -170,6 +188,20 @@ class WebDatasetLayout(Layout):
 
     def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
         return plan(fs, root)
+
+    def list_inputs(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> list[InputFile]:
+        return list_files(fs, root, TAR_SUFFIXES)
+
+    def plan_increment(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        cfg: InputConfig,
+        files: list[InputFile],
+        shard_size: int,
+        increment: int,
+    ) -> list[Shard]:
+        return plan_increment(files, increment)
 
     def read(
         self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor
