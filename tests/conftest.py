@@ -94,6 +94,18 @@ def prefect_ephemeral():
 
 
 @pytest.fixture
+def session_env(ray_local, prefect_ephemeral) -> dict:
+    """The environment of a ``segpipe`` subprocess that joins the session's Ray and Prefect API instead of
+    starting its own (about 20 s less per run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return os.environ | {
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
+
+
+@pytest.fixture
 def unused_port() -> int:
     return free_ports(1)[0]
 

@@ -24,7 +24,7 @@ def stats_rows(out):
     return table.drop(["mask_uri"]).to_pylist()  # mask_uri names the output folder itself
 
 
-def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, prefect_ephemeral):
+def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, prefect_ephemeral, session_env):
     from flows.segment_dataset import segment_dataset
 
     data = make_dataset(tmp_path / "ds", 120, seed=11)
@@ -36,7 +36,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, pr
         [sys.executable, "-m", "pipeline.cli", "run", "--input", str(data / "images"), "--output", str(out),
          "--labels", common["labels_uri"], "--checkpoint", common["checkpoint_uri"], "--shard-size", "4",
          "--actors", "1", "--inference.mode", "slide", "--inference.tile", "[96, 96]"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=session_env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
