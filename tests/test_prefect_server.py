@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +19,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from pipeline.devtools.local_s3 import free_ports
+from pipeline.synthetic import make_dataset
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -259,6 +262,45 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
     assert "population stability index of the class shares: **0.0000** — stable" in drift["data"]
     next_report = served / "nightly" / (when + timedelta(days=1)).strftime("%Y-%m-%d") / "report.html"
     assert "Drift against the baseline" in next_report.read_text()  # the comparison ends that night's report
+
+
+def test_a_nightly_incremental_deployment_segments_each_new_image_once(prefect_api, served, dataset, tmp_path):
+    """One output for a folder that keeps growing: each night's run segments what arrived since."""
+    data = Path(shutil.copytree(dataset, tmp_path / "growing"))
+    out = tmp_path / "one-result-set"
+    nightly = deployment(prefect_api, "segment-dataset/nightly")
+    params = {"input_uri": str(data / "images"), "labels_uri": str(data / "labels"), "output_uri": str(out)}
+    params |= {"mode": "incremental", "prune_deleted": True}
+
+    def night(day) -> dict:
+        when = datetime.now(UTC) + timedelta(seconds=2)
+        state = {"type": "SCHEDULED", "state_details": {"scheduled_time": when.isoformat()}}
+        body = {"state": state, "parameters": params | {"run_date": day.strftime("%Y-%m-%d")}}
+        created = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10)
+        run = finished(prefect_api, created.json()["id"])
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        return run
+
+    today = datetime.now(UTC)
+    night(today)
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["increments"][-1]["processed"] == 24
+
+    more = make_dataset(tmp_path / "arrived", 6, seed=41)  # new files land under the same prefix
+    shutil.copytree(more / "images", data / "images" / "arrived")
+    shutil.copytree(more / "labels", data / "labels" / "arrived")
+    (data / "images" / "000" / "sample_00003.png").unlink()
+    run = night(today + timedelta(days=1))
+    second = json.loads((out / "manifest.json").read_text())
+    latest = second["increments"][-1]
+    assert (latest["number"], latest["processed"], latest["new_files"], latest["pruned_files"]) == (2, 6, 6, 1)
+    assert second["counts"]["images"] == 29 and second["run_id"] == first["run_id"]
+    rows = pq.read_table(sorted((out / "stats").glob("part-*.parquet")), columns=["image_id"])
+    assert sorted(rows["image_id"].to_pylist()) == sorted(
+        str(p.relative_to(data / "images")) for p in (data / "images").rglob("*.*")
+    )
+    summary = artifacts(prefect_api, run["id"])["segpipe-summary"]["data"]
+    assert "increment 2: 6 images segmented (6 new, 0 changed, 1 deleted files, 1 pruned)" in summary
 
 
 def start(args: list[str], env: dict, cwd: Path, log_path: Path) -> subprocess.Popen:

@@ -18,6 +18,7 @@ from pipeline.cli.logs import configure_logging
 from pipeline.config import load_config
 from pipeline.devtools.local_s3 import PUBLIC_BUCKET
 from pipeline.errors import InputError, SegpipeError, StorageUnavailable
+from pipeline.outputs import part_sources
 from pipeline.preflight import preflight
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -108,6 +109,39 @@ def test_s3_run_equals_local_run_and_leaks_no_secret(
     for blob in seen:
         assert s3_server.secret.encode() not in blob
         assert s3_server.key.encode() not in blob
+
+
+def test_an_increment_on_s3_knows_changed_objects_by_their_etag(
+    s3_server, bucket, dataset, checkpoint, tmp_path, ray_local, prefect_ephemeral
+):
+    from flows.segment_dataset import segment_dataset
+
+    fs = s3_server.fs()
+    prefix = f"{bucket}/growing-{uuid.uuid4().hex[:6]}"
+    fs.put(str(dataset / "images"), f"{prefix}/images", recursive=True)
+    job = s3_job(tmp_path, s3_server, bucket, f"{prefix}/out", mode="incremental", shard_size=8)
+    job_fields = {"input_uri": f"s3://{prefix}/images", "outputs": {"report": False}}
+    first = segment_dataset(config_path=job, **job_fields)["manifest"]
+    assert first["increments"][-1]["processed"] == 24
+
+    ids = sorted(str(p.relative_to(dataset / "images")) for p in (dataset / "images").rglob("*.*"))
+    fs.pipe(f"{prefix}/images/{ids[0]}", (dataset / "images" / ids[0]).read_bytes())  # the same bytes again
+    fs.pipe(f"{prefix}/images/{ids[1]}", (dataset / "images" / ids[2]).read_bytes())  # other bytes
+    fs.pipe(f"{prefix}/images/arrived/{ids[3]}", (dataset / "images" / ids[3]).read_bytes())
+    second = segment_dataset(config_path=job, **job_fields)["manifest"]
+    latest = second["increments"][-1]
+    assert (latest["processed"], latest["new_files"], latest["changed_files"]) == (2, 1, 1)
+    assert second["counts"]["images"] == 25
+
+    fs.invalidate_cache()
+    parts = fs.glob(f"{prefix}/out/stats/part-*.parquet")
+    assert len(parts) == len(second["shards"])
+    versions = {}
+    for part in parts:
+        with fs.open(part, "rb") as f:
+            versions |= part_sources(pq.read_schema(f).metadata)
+    assert len(versions) == 25 and all(v.startswith("etag:") for v in versions.values())
+    assert versions[ids[1]] == "etag:" + fs.info(f"{prefix}/images/{ids[1]}")["ETag"].strip('"')
 
 
 def preflight_error(tmp_path, checkpoint, input_uri: str, output_uri: str, storage: dict) -> InputError:
