@@ -27,16 +27,16 @@ def _tiny_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _stats_part(rng: np.random.Generator, rows: int) -> list[ImageRow]:
+def _stats_part(rng: np.random.Generator, rows: int, num_classes: int = NUM_CLASSES) -> list[ImageRow]:
     """A shard's rows as the actors write them: labeled 64x64 images, so every row carries confusion cells."""
     out = []
     for i in range(rows):
-        mask = rng.integers(0, NUM_CLASSES, (64, 64), dtype=np.uint8)
-        label = np.where(rng.random((64, 64)) < 0.8, mask, rng.integers(0, NUM_CLASSES, (64, 64))).astype(np.uint8)
+        mask = rng.integers(0, num_classes, (64, 64), dtype=np.uint8)
+        label = np.where(rng.random((64, 64)) < 0.8, mask, rng.integers(0, num_classes, (64, 64))).astype(np.uint8)
         image_id = f"img_{i}.jpg"
         out.append(
             ImageRow(
-                **image_stats(mask, NUM_CLASSES, label).columns(),
+                **image_stats(mask, num_classes, label).columns(),
                 run_id="bench",
                 image_id=image_id,
                 source_uri=f"file:///bench/{image_id}",

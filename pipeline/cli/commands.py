@@ -79,6 +79,11 @@ def bench(args: argparse.Namespace) -> int:
 
         report = measure(work)
         print(json.dumps(report, indent=2))
+    elif args.increments:
+        from pipeline.bench import increments
+
+        report = increments.measure(work, rounds=args.repeat)
+        print(json.dumps(report, indent=2))
     elif args.large:
         from pipeline.bench import large
 

@@ -104,6 +104,11 @@ def _add_bench(sub) -> None:
         "--overheads", action="store_true", help="instead: planning and reduce time vs dataset size on a local S3"
     )
     bn.add_argument(
+        "--increments",
+        action="store_true",
+        help="instead: planning an increment of 1,000 images over 10k and 100k committed, on a local S3",
+    )
+    bn.add_argument(
         "--large",
         action="store_true",
         help="instead: one large image in slide mode against the forward alone (windows/s), and the peak RSS "
