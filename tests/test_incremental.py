@@ -335,3 +335,44 @@ def test_a_killed_increment_reruns_to_what_an_uninterrupted_one_writes(
     ]
     assert sorted(p.name for p in (killed / "stats").iterdir()) == sorted(p.name for p in (clean / "stats").iterdir())
     assert resumed["manifest"]["increments"][-1]["processed"] == 50
+
+
+def write_tar(path: Path, dataset: Path, ids: list[str]) -> None:
+    """A tar shard of the dataset's images ``ids``, each with its label as ``<key>.seg.png``."""
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for image_id in ids:
+            key = image_id.rsplit(".", 1)[0].replace("/", "_")
+            for name, src in ((f"{key}.{image_id.rsplit('.', 1)[1]}", dataset / "images" / image_id),
+                              (f"{key}.seg.png", (dataset / "labels" / image_id).with_suffix(".png"))):  # fmt: skip
+                tar.add(src, arcname=name)
+
+
+def test_tar_shards_are_increments_of_whole_files(tmp_path, checkpoint, dataset):
+    """A changed tar is segmented again whole and its old part dropped; a new tar is added; a deleted one pruned."""
+    from pipeline.config import JobConfig
+
+    ids = image_ids(dataset)
+    tars = tmp_path / "tars"
+    for n in range(3):
+        write_tar(tars / f"train-{n}.tar", dataset, ids[8 * n : 8 * n + 8])
+    job = dict(input_uri=str(tars), checkpoint_uri=str(checkpoint), outputs={"report": False})
+    incremental = dict(job, output_uri=str(tmp_path / "out"), mode="incremental", prune_deleted=True)
+    first = run_in_process(JobConfig(**incremental))
+    assert first["manifest"]["increments"][-1]["processed"] == 24
+
+    time.sleep(0.01)
+    write_tar(tars / "train-1.tar", dataset, ids[8:14])  # rewritten with fewer samples
+    (tars / "train-2.tar").unlink()
+    write_tar(tars / "train-3.tar", dataset, ids[16:20])
+    second = run_in_process(JobConfig(**incremental))
+    latest = second["manifest"]["increments"][-1]
+    assert (latest["processed"], latest["new_files"], latest["changed_files"], latest["pruned_files"]) == (10, 1, 1, 1)
+    assert len(latest["replaced"]) == 2 and latest["rewritten"] == []  # whole files: nothing to keep of them
+    full = run_in_process(JobConfig(**job, output_uri=str(tmp_path / "full")))
+    assert second["metrics"] | {"run_id": ""} == full["metrics"] | {"run_id": ""}
+    assert comparable(tmp_path / "out") == comparable(tmp_path / "full")
+    assert not list((tmp_path / "out" / "masks" / "train-2").rglob("*.png"))
+    assert len(list((tmp_path / "out" / "masks").rglob("*.png"))) == 18

@@ -9,6 +9,7 @@ arrived. The images are tiny: planning never reads them.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ def measure(work: Path, sizes: tuple[int, ...] = (10_000, 100_000), new: int = 1
 
     # an increment's shards hold up to twice shard_size images (files.stable_groups)
     template = pa.BufferReader(_parquet(_stats_part(np.random.default_rng(0), 2 * SHARD_SIZE, num_classes=5)))
+    shutil.rmtree(work / "s3-increments", ignore_errors=True)  # each measurement starts from empty outputs
     with LocalS3(work / "s3-increments") as s3:
         fs = s3.fs()
         fs.mkdir("bench")

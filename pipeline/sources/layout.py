@@ -40,15 +40,17 @@ def layout_of_listing(paths: list[str]) -> str | None:
     )
 
 
-def detect_layout(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The layout of the input at ``path``; InputError when nothing segpipe can read is there."""
-    if fs.isfile(path):
+def detect_layout(fs: fsspec.AbstractFileSystem, path: str, found: dict | None = None) -> str:
+    """The layout of the input at ``path``; InputError when nothing segpipe can read is there.
+    ``found``: the folder's listing (``fs.find(path, detail=True)``), when it was listed already."""
+    if found is None and fs.isfile(path):
         name = layout_of_file(path)
         if name is None:
             kinds = [layout.file_kind for _, layout in by_priority() if layout.file_suffixes]
             raise InputError(f"input {path} is a file, but neither {_join(kinds, 'nor')}")
         return name
-    name = layout_of_listing([p.lower() for p in fs.find(path) if not posixpath.basename(p).startswith(".")])
+    paths = found if found is not None else fs.find(path)
+    name = layout_of_listing([p.lower() for p in paths if not posixpath.basename(p).startswith(".")])
     if name is None:
         kinds = [layout.listing_kind for _, layout in by_priority() if layout.listing_suffixes]
         raise InputError(f"input {path} holds no {_join(kinds, 'or')}")
@@ -65,7 +67,14 @@ class InputSource:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> None:
         self.fs, self.root, self.cfg = fs, root, cfg
-        self.layout = cfg.layout if cfg.layout != "auto" else detect_layout(fs, root)
+        if cfg.layout != "auto":
+            self.layout = cfg.layout
+        elif fs.isfile(root):
+            self.layout = detect_layout(fs, root)
+        else:
+            found = fs.find(root, detail=True)
+            self.layout = detect_layout(fs, root, found)
+            self.fs = _ListedOnce(fs, root, found)  # planning lists the folder again: reuse this listing
         self._impl = get_layout(self.layout)
 
     def plan(self, shard_size: int) -> list[Shard]:
@@ -80,3 +89,20 @@ class InputSource:
 
     def read(self, shard: Shard, pool: Executor) -> Iterator[Sample]:
         return self._impl.read(self.fs, self.root, shard, self.cfg, pool)
+
+
+class _ListedOnce:
+    """``fs``, except that the first ``find`` of ``root`` returns a listing made already (layout detection's):
+    on an object store, listing 100k objects takes seconds, and planning would list them twice."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, found: dict) -> None:
+        self._fs, self._root, self._found = fs, root, found
+
+    def find(self, path: str, *args, detail: bool = False, **kwargs):
+        if path != self._root or args or kwargs or self._found is None:
+            return self._fs.find(path, *args, detail=detail, **kwargs)
+        found, self._found = self._found, None  # once: a later plan lists afresh
+        return found if detail else sorted(found)
+
+    def __getattr__(self, name: str):
+        return getattr(self._fs, name)
