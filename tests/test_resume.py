@@ -27,7 +27,7 @@ def stats_rows(out):
 def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, prefect_ephemeral, session_env):
     from flows.segment_dataset import segment_dataset
 
-    data = make_dataset(tmp_path / "ds", 120, seed=11)
+    data = make_dataset(tmp_path / "ds", 64, seed=11)
     common = dict(labels_uri=str(data / "labels"), checkpoint_uri=str(checkpoint), shard_size=4, actors=1)
     common["inference"] = {"mode": "slide", "tile": [96, 96]}
     common["outputs"] = {"report": False}  # the rows are compared here; reports have their own tests
@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, pr
         proc.wait()
 
     committed = list((out / "stats").glob("part-*.parquet"))
-    assert 0 < len(committed) < 30
+    assert 0 < len(committed) < 16
     assert not (out / "manifest.json").exists() and not (out / "metrics.json").exists()
     for part in committed:  # every part a reader can see is whole
         assert pq.read_table(part).num_rows == 4
@@ -61,6 +61,6 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, pr
     clean = tmp_path / "clean"
     reference = segment_dataset(input_uri=str(data / "images"), output_uri=str(clean), **common)
     assert stats_rows(out) == stats_rows(clean)
-    assert len(stats_rows(out)) == 120
+    assert len(stats_rows(out)) == 64
     assert json.loads((out / "metrics.json").read_text()) == json.loads((clean / "metrics.json").read_text())
     assert resumed["manifest"]["run_id"] == reference["manifest"]["run_id"]
