@@ -47,9 +47,9 @@ class InputFile:
 def content_version(info: dict) -> str:
     """The version a listing gives a file, which changes when its content does: the object's ETag where the
     store gives one (S3, GCS, Azure), else its size and modification time (a local disk). The prefix says which."""
-    etag = info.get("ETag") or info.get("etag")
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')  # S3 quotes it
     if etag:
-        return f"etag:{str(etag).strip(chr(34))}"
+        return f"etag:{etag}"
     mtime = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if info.get(k)), None)
     stamp = mtime.isoformat() if hasattr(mtime, "isoformat") else repr(mtime)
     return f"size+mtime:{info['size']}:{stamp}"
