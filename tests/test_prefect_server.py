@@ -146,6 +146,18 @@ def run_deployment_cli(env: dict, deployment_name: str, /, **params) -> str:
     return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
 
 
+def create_flow_run(api: str, deployment: dict, body: dict) -> dict:
+    """A flow run of ``deployment``, created through the REST API. A busy SQLite server may answer 5xx (seen
+    once in CI under load); Prefect's own client retries those, and so does this."""
+    for attempt in range(5):
+        response = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json=body, timeout=30)
+        if response.status_code not in (429, 500, 502, 503):
+            break
+        time.sleep(1 + attempt)
+    assert response.status_code == 201, (response.status_code, response.text)
+    return response.json()
+
+
 def finished(api: str, flow_run_id: str, timeout: float = 300) -> dict:
     def state():
         run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
@@ -230,7 +242,7 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
     nightly = deployment(prefect_api, "segment-dataset/nightly")
     when = datetime.now(UTC) + timedelta(seconds=2)
     body = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when.isoformat()}}}
-    created = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10).json()
+    created = create_flow_run(prefect_api, nightly, body)
     run = finished(prefect_api, created["id"])
     assert run["state"]["type"] == "COMPLETED", run["state"]
     out = served / "nightly" / when.strftime("%Y-%m-%d")
@@ -246,7 +258,7 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
 
     # Re-running that date (as after a failure, or by hand) resumes the same output instead of duplicating it.
     body = {"parameters": {"run_date": when.strftime("%Y-%m-%d")}}
-    again = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10).json()
+    again = create_flow_run(prefect_api, nightly, body)
     assert finished(prefect_api, again["id"])["state"]["type"] == "COMPLETED"
     second = json.loads((out / "manifest.json").read_text())
     assert second["run_id"] == first["run_id"] and second["counts"]["shards_skipped"] == 3
@@ -254,7 +266,7 @@ def test_a_scheduled_run_writes_under_its_date_and_a_rerun_of_that_date_resumes(
 
     # The next night is compared with this one: same data, so no drift, and the run is not tagged.
     body = {"parameters": {"run_date": (when + timedelta(days=1)).strftime("%Y-%m-%d")}}
-    night = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10).json()
+    night = create_flow_run(prefect_api, nightly, body)
     run = finished(prefect_api, night["id"])
     assert run["state"]["type"] == "COMPLETED" and "drifted" not in run["tags"]
     drift = artifacts(prefect_api, night["id"])["segpipe-drift"]
@@ -276,8 +288,7 @@ def test_a_nightly_incremental_deployment_segments_each_new_image_once(prefect_a
         when = datetime.now(UTC) + timedelta(seconds=2)
         state = {"type": "SCHEDULED", "state_details": {"scheduled_time": when.isoformat()}}
         body = {"state": state, "parameters": params | {"run_date": day.strftime("%Y-%m-%d")}}
-        created = httpx.post(f"{prefect_api}/deployments/{nightly['id']}/create_flow_run", json=body, timeout=10)
-        run = finished(prefect_api, created.json()["id"])
+        run = finished(prefect_api, create_flow_run(prefect_api, nightly, body)["id"])
         assert run["state"]["type"] == "COMPLETED", run["state"]
         return run
 
