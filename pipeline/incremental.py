@@ -120,12 +120,12 @@ def plan_changes(
 ) -> IncrementPlan:
     """Which earlier parts stay and which are replaced, once the changed (and pruned) files' rows leave."""
     leaving = frozenset(f.path for f in changes.changed) | (frozenset(changes.deleted) if prune_deleted else set())
-    replaced = sorted(key for key, files in committed.files.items() if not files.isdisjoint(leaving))
+    replaced = {key for key, files in committed.files.items() if not files.isdisjoint(leaving)}
     return IncrementPlan(
         number=number,
         earlier=earlier,
-        kept={key: n for key, n in committed.rows.items() if key not in set(replaced)},
-        replaced=replaced,
+        kept={key: n for key, n in committed.rows.items() if key not in replaced},
+        replaced=sorted(replaced),
         leaving=leaving,
         new_files=len(changes.new),
         changed_files=len(changes.changed),
@@ -179,10 +179,9 @@ def remove_replaced(fs: fsspec.AbstractFileSystem, root: str, parts: list[str], 
     A failure is logged, not raised: the set is committed, and the next run removes parts no manifest names."""
     paths = [stats_path(root, k) for k in parts]
     paths += [p for image_id in sorted(gone) for p in (mask_path(root, image_id), overlay_path(root, image_id))]
-
     try:
         with ThreadPoolExecutor(_THREADS) as pool:
-            list(pool.map(lambda group: storage.remove_files(fs, group), [paths[i::_THREADS] for i in range(_THREADS)]))
+            list(pool.map(lambda path: storage.remove_files(fs, [path]), paths))
     except OSError as e:
         log.warning("could not delete every replaced part and mask (%s): the next run removes the parts", e)
     else:

@@ -11,7 +11,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import JobConfig
@@ -43,6 +46,7 @@ from pipeline.outputs import (
     committed_run_id,
     read_manifest,
     read_tables,
+    reduce_confusion,
     reduce_parts,
     shard_entries,
     stats_path,
@@ -50,6 +54,7 @@ from pipeline.outputs import (
     write_json,
 )
 from pipeline.outputs.manifest import SKIPPED, now
+from pipeline.outputs.tables import REDUCE_COLUMNS
 from pipeline.preflight import preflight
 from pipeline.shard import ShardSummary
 from pipeline.sources import Shard, get_layout
@@ -58,6 +63,7 @@ from pipeline.sources.layout import InputSource
 log = logging.getLogger(__name__)
 
 # Fields that change what a run writes; batch size, actors, threads and PNG level do not.
+_READ_NEW = [*REDUCE_COLUMNS, "image_id", "mask_uri"]  # of the increment's own parts, read once at finalize
 _RESULT_FIELDS = {
     *("input_uri", "labels_uri", "model", "weights", "shard_size", "device", "precision"),
     *("inference", "input", "labels"),
@@ -226,7 +232,9 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     rewritten, left = replace_parts(fs, root, inc) if inc.replaced else ({}, set())
     earlier = {**inc.kept, **rewritten}
     mat, counts = reduce_parts(fs, [stats_path(root, key) for key in earlier], meta.num_classes)
-    new_mat, new_counts = reduce_parts(fs, [stats_path(root, s.shard_id) for s in plan.shards], meta.num_classes)
+    masked: set[str] = set()  # ids of the images this increment wrote a mask for, gathered in the same read
+    new_tables = read_tables(fs, [stats_path(root, s.shard_id) for s in plan.shards], _READ_NEW)
+    new_mat, new_counts = reduce_confusion(_masked_ids(new_tables, masked), meta.num_classes)
     mat, counts = mat + new_mat, counts + new_counts
     names = list(meta.class_names)
     metrics_doc = {
@@ -277,16 +285,13 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     write_json(fs, storage.join(root, MANIFEST), manifest.to_json())
     log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))
     if inc.replaced:
-        remove_replaced(fs, root, inc.replaced, left - _masked_ids(fs, root, plan.shards))
+        remove_replaced(fs, root, inc.replaced, left - masked)  # a changed image keeps its mask file's name
     return {"manifest": manifest.to_json(), "metrics": metrics_doc}
 
 
-def _masked_ids(fs, root: str, shards: list[Shard]) -> set[str]:
-    """Ids of the images this increment wrote a mask for (a changed image keeps its mask file's name)."""
-    paths = [stats_path(root, s.shard_id) for s in shards]
-    return {
-        image_id
-        for table in read_tables(fs, paths, ["image_id", "mask_uri"])
-        for image_id, mask in zip(table["image_id"].to_pylist(), table["mask_uri"].to_pylist(), strict=True)
-        if mask
-    }
+def _masked_ids(tables: Iterator[pa.Table], masked: set[str]) -> Iterator[pa.Table]:
+    """``tables`` passed through, adding to ``masked`` the ids of their rows that have a mask."""
+    for table in tables:
+        ids, masks = table["image_id"].to_pylist(), table["mask_uri"].to_pylist()
+        masked.update(image_id for image_id, mask in zip(ids, masks, strict=True) if mask)
+        yield table

@@ -5,8 +5,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -94,15 +97,33 @@ def prefect_ephemeral():
 
 
 @pytest.fixture
-def session_env(ray_local, prefect_ephemeral) -> dict:
-    """The environment of a ``segpipe`` subprocess that joins the session's Ray and Prefect API instead of
-    starting its own (about 20 s less per run)."""
+def kill_run_once(ray_local, prefect_ephemeral):
+    """``kill_run_once(args, folder, pattern)``: run ``segpipe run <args>`` in its own process group, joined to
+    the session's Ray and Prefect API (about 20 s less than starting its own), and SIGKILL the whole group as
+    soon as a file matching ``pattern`` exists in ``folder``."""
     from prefect.settings import PREFECT_API_URL
 
-    return os.environ | {
+    env = os.environ | {
         "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
     }
+
+    def kill(args: list[str], folder: Path, pattern: str) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while not list(folder.glob(pattern)):
+                assert proc.poll() is None, "the run ended before it could be killed"
+                assert time.monotonic() < deadline, f"no {pattern} was committed in time"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    return kill
 
 
 @pytest.fixture

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -293,7 +289,7 @@ def test_a_layout_that_lists_no_versions_cannot_run_incrementally(tmp_path, chec
 
 @pytest.mark.slow
 def test_a_killed_increment_reruns_to_what_an_uninterrupted_one_writes(
-    tmp_path, checkpoint, ray_local, prefect_ephemeral, session_env
+    tmp_path, checkpoint, ray_local, prefect_ephemeral, kill_run_once
 ):
     data = make_dataset(tmp_path / "ds", 16, seed=5)
     base = tmp_path / "base"
@@ -304,21 +300,12 @@ def test_a_killed_increment_reruns_to_what_an_uninterrupted_one_writes(
     shutil.copytree(base, killed)
     shutil.copytree(base, clean)
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(data / "images"), "--output", str(killed),
-         "--labels", str(data / "labels"), "--checkpoint", str(checkpoint), "--shard-size", "8", "--actors", "1",
-         "--mode", "incremental", "--outputs.report", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=session_env,
+    kill_run_once(
+        ["--input", str(data / "images"), "--output", str(killed), "--labels", str(data / "labels"),
+         "--checkpoint", str(checkpoint), "--shard-size", "8", "--actors", "1", "--mode", "incremental",
+         "--outputs.report", "false"],
+        killed / "stats", "part-i0002-*.parquet",
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not list((killed / "stats").glob("part-i0002-*.parquet")):
-            assert proc.poll() is None, "the increment ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard of the increment was committed in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
     manifest = json.loads((killed / "manifest.json").read_text())
     assert len(manifest["increments"]) == 1  # the killed increment does not look finished

@@ -5,11 +5,6 @@ end-to-end test runs, and resuming must not depend on how an image is cut."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +19,7 @@ def stats_rows(out):
     return table.drop(["mask_uri"]).to_pylist()  # mask_uri names the output folder itself
 
 
-def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, prefect_ephemeral, session_env):
+def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, prefect_ephemeral, kill_run_once):
     from flows.segment_dataset import segment_dataset
 
     data = make_dataset(tmp_path / "ds", 64, seed=11)
@@ -32,21 +27,12 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, checkpoint, ray_local, pr
     common["inference"] = {"mode": "slide", "tile": [96, 96]}
     common["outputs"] = {"report": False}  # the rows are compared here; reports have their own tests
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(data / "images"), "--output", str(out),
-         "--labels", common["labels_uri"], "--checkpoint", common["checkpoint_uri"], "--shard-size", "4",
-         "--actors", "1", "--inference.mode", "slide", "--inference.tile", "[96, 96]"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=session_env,
+    kill_run_once(
+        ["--input", str(data / "images"), "--output", str(out), "--labels", common["labels_uri"],
+         "--checkpoint", common["checkpoint_uri"], "--shard-size", "4", "--actors", "1",
+         "--inference.mode", "slide", "--inference.tile", "[96, 96]"],
+        out / "stats", "part-*.parquet",
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "stats").glob("part-*.parquet")):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard was committed in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
     committed = list((out / "stats").glob("part-*.parquet"))
     assert 0 < len(committed) < 16

@@ -75,33 +75,27 @@ def _committed(s3: LocalS3, template: pa.BufferReader, n: int, new: int) -> tupl
             storage=s3.storage_config(),
             outputs={"report": False},
         )
-        plan = plan_job(cfg)
-        _write_parts(fs, plan, rows)
-        finalize_job(plan, [ShardSummary(s.shard_id, s.images, 0, 0, 0.0) for s in plan.shards], 1.0)
+        _commit(fs, plan_job(cfg), rows)
         outputs[out] = cfg
     _fill(fs, {f"{root}/images/{name}": jpeg for name in arriving})
     found = plan_job(outputs["out"]).increment.new_files
     if found != new:
         raise RuntimeError(f"the increment over {n} images found {found} new ones, not {new}")
     # "settled" also gets the new images committed, so that its next plan finds nothing new.
-    settled = plan_job(outputs["settled"])
-    _write_parts(fs, settled, rows)
-    finalize_job(settled, [ShardSummary(s.shard_id, s.images, 0, 0, 0.0) for s in settled.shards], 1.0)
+    _commit(fs, plan_job(outputs["settled"]), rows)
     return outputs["out"], outputs["settled"]
 
 
-def _write_parts(fs, plan: JobPlan, rows: pa.Table) -> None:
-    """Each planned shard's stats part, as an actor would leave it: its images' rows and its files' versions."""
+def _commit(fs, plan: JobPlan, rows: pa.Table) -> None:
+    """Commit ``plan`` with each shard's stats part written as an actor would leave it (its images' rows and
+    its files' versions), without a model."""
     _, out = plan.cfg.resolve(plan.cfg.output_uri)
-    parts = {}
     for shard in plan.shards:
         table = rows.slice(0, len(shard.items))
         table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(shard.items))
-        parts[stats_path(out, shard.shard_id)] = table.replace_schema_metadata(
-            stats_metadata(plan.run_id, shard.sources())
-        )
-    for path, table in parts.items():
-        write_table(fs, path, table)
+        metadata = stats_metadata(plan.run_id, shard.sources())
+        write_table(fs, stats_path(out, shard.shard_id), table.replace_schema_metadata(metadata))
+    finalize_job(plan, [ShardSummary(s.shard_id, s.images, 0, 0, 0.0) for s in plan.shards], 1.0)
 
 
 def _listing(cfg: JobConfig) -> int:

@@ -20,6 +20,7 @@ from pipeline.outputs.rows import ImageRow, to_table
 
 RUN_ID_KEY = b"segpipe.run_id"
 SOURCES_KEY = b"segpipe.sources"  # JSON: input file (relative to the input root) -> its version when listed
+REDUCE_COLUMNS = ["confusion", "labeled", "error", "error_kind"]  # what reduce_confusion reads of a stats part
 _REDUCE_FETCH = 32  # files the reduce fetches at once (a stats part is KBs to a few MB)
 
 
@@ -105,7 +106,7 @@ def reduce_confusion(tables: Iterable[pa.Table], num_classes: int) -> tuple[np.n
 
 def reduce_parts(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes: int) -> tuple[np.ndarray, RowCounts]:
     """``reduce_confusion`` over the stats parts at ``paths``, reading only the columns it needs."""
-    return reduce_confusion(read_tables(fs, paths, ["confusion", "labeled", "error", "error_kind"]), num_classes)
+    return reduce_confusion(read_tables(fs, paths, REDUCE_COLUMNS), num_classes)
 
 
 def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> Iterator[pa.Table]:

@@ -7,9 +7,8 @@ does, so Spark's ``_temporary/`` output and ``.crc`` files are not read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -56,36 +55,24 @@ def plan(
     return shards_of(fs, root, files, shard_size, (image_column, label_column, id_column))
 
 
-def plan_increment(
-    fs: fsspec.AbstractFileSystem,
-    root: str,
-    files: list[InputFile],
-    shard_size: int,
-    increment: int,
-    columns: tuple[str, str | None, str | None] = ("image", None, None),
-) -> list[Shard]:
-    """The shards of ``files`` for an incremental run, named by file, version and row groups."""
-
-    def name(_: int, f: InputFile, start: int, stop: int) -> str:
-        return increment_shard_id(increment, f.path, f.version, start, stop)
-
-    shards = shards_of(fs, root, files, shard_size, columns, name)
-    return [replace(s, increment=increment) for s in shards]
-
-
 def shards_of(
     fs: fsspec.AbstractFileSystem,
     root: str,
     files: list[InputFile],
     shard_size: int,
     columns: tuple[str, str | None, str | None],
-    name: Callable[[int, InputFile, int, int], str] | None = None,
+    increment: int | None = None,
 ) -> list[Shard]:
-    """Cut each of ``files`` into row-group ranges (``columns``: image, label, id); ``name(position, file,
-    start, stop)`` names a shard, by default by its position in the plan."""
+    """Cut each of ``files`` into row-group ranges (``columns``: image, label, id). A shard is named by its
+    position in the plan, or in an increment by its file, version and row groups."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
-    name = name or (lambda n, f, start, stop: shard_id_for(n, f.path, f.size, start, stop))
+
+    def name(n: int, f: InputFile, start: int, stop: int) -> str:
+        if increment is None:
+            return shard_id_for(n, f.path, f.size, start, stop)
+        return increment_shard_id(increment, f.path, f.version, start, stop)
+
     paths = [file_path(root, f.path) for f in files]
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths) or 1)) as pool:
         footers = list(pool.map(lambda path: _footer(fs, path), paths))
@@ -95,7 +82,16 @@ def shards_of(
         counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         for start, stop, rows in cut_row_groups(counts, shard_size):
             shard_id = name(len(shards), f, start, stop)
-            shards.append(Shard(shard_id, member=f.path, row_groups=(start, stop), images=rows, versions=(f.version,)))
+            shards.append(
+                Shard(
+                    shard_id,
+                    member=f.path,
+                    row_groups=(start, stop),
+                    images=rows,
+                    versions=(f.version,),
+                    increment=increment or 1,
+                )
+            )
     return shards
 
 
@@ -216,7 +212,7 @@ class ParquetLayout(Layout):
         increment: int,
     ) -> list[Shard]:
         columns = (cfg.image_column, cfg.label_column, cfg.id_column)
-        return plan_increment(fs, root, files, shard_size, increment, columns)
+        return shards_of(fs, root, files, shard_size, columns, increment)
 
     def read(
         self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor

@@ -51,15 +51,6 @@ def plan(fs: fsspec.AbstractFileSystem, root: str) -> list[Shard]:
     return [Shard(shard_id_for(n, f.path, f.size), member=f.path, versions=(f.version,)) for n, f in enumerate(tars)]
 
 
-def plan_increment(files: list[InputFile], increment: int) -> list[Shard]:
-    """One shard per tar of ``files``, named by the tar and its version."""
-    shards = []
-    for f in files:
-        shard_id = increment_shard_id(increment, f.path, f.version)
-        shards.append(Shard(shard_id, member=f.path, versions=(f.version,), increment=increment))
-    return shards
-
-
 def read(fs: fsspec.AbstractFileSystem, root: str, shard: Shard, label_suffix: str = "seg.png") -> Iterator[Sample]:
     """Stream the tar's samples in tar order, holding only the current sample's image and label.
 
@@ -201,7 +192,11 @@ class WebDatasetLayout(Layout):
         shard_size: int,
         increment: int,
     ) -> list[Shard]:
-        return plan_increment(files, increment)
+        shards = []
+        for f in files:  # one per tar, named by the tar and its version
+            shard_id = increment_shard_id(increment, f.path, f.version)
+            shards.append(Shard(shard_id, member=f.path, versions=(f.version,), increment=increment))
+        return shards
 
     def read(
         self, fs: fsspec.AbstractFileSystem, root: str, shard: Shard, cfg: InputConfig, pool: Executor
