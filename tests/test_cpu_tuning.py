@@ -112,3 +112,13 @@ def test_keep_freed_memory_stops_page_faults_on_reused_buffers():
     pages = 10 * 40 * 2**20 // 4096
     assert int(default) > pages // 2  # every buffer faulted in again
     assert int(after) < pages // 50  # the freed buffer was reused
+
+
+def test_cpu_predictor_flushes_denormals(tiny_unet):
+    import torch
+
+    torch.set_flush_denormal(False)  # an earlier Predictor in this process set it
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal (1.2e-38): a denormal
+    assert float(tiny * 1.0) > 0
+    Predictor(tiny_unet, default_meta("unet_tiny", ["a", "b", "c"]), device="cpu")
+    assert float(tiny * 1.0) == 0

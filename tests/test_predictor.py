@@ -92,3 +92,27 @@ def test_resize_policy(tiny_unet):
 
 def test_empty_list(tiny_unet):
     assert Predictor(tiny_unet, META, device="cpu").predict([]) == []
+
+
+def test_whole_images_are_classed_straight_from_their_logits(tiny_unet):
+    """Class and top probability as softmax-then-max gives them, without writing every class's probability."""
+    import torch
+
+    from pipeline.inference.predictor import top_class
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 9, 11) * 6
+    for given in (logits, logits.bfloat16()):
+        labels, top = top_class(given)
+        probs = given.float().softmax(1)
+        assert top.dtype == torch.float32
+        assert torch.equal(labels, probs.argmax(1))
+        torch.testing.assert_close(top, probs.amax(1))
+
+    image = blocky_images([(64, 64)], seed=5)[0]
+    pred = Predictor(tiny_unet, META, device="cpu", batch_size=1)
+    got = pred.predict([image])[0]
+    with torch.inference_mode():
+        reference = pred.logits(pred.to_input([image])).softmax(1)
+    assert np.array_equal(got.mask, reference.argmax(1)[0].numpy())
+    assert got.mean_confidence == pytest.approx(float(reference.amax(1).mean()), rel=1e-6)

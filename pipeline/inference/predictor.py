@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import InferenceConfig
-from pipeline.cpu_tuning import keep_freed_memory, route_convs_to_onednn
+from pipeline.cpu_tuning import flush_denormals, keep_freed_memory, route_convs_to_onednn
 from pipeline.errors import DeviceError
 from pipeline.inference.plan import InferencePlan, plan_inference
 from pipeline.inference.stitching import Stitcher
@@ -83,6 +83,7 @@ class Predictor:
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         if self.device.type == "cpu":
             keep_freed_memory()
+            flush_denormals()
             route_convs_to_onednn(self.model)
         self.mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -90,6 +91,22 @@ class Predictor:
     def predict(self, images: list[np.ndarray]) -> list[Prediction | Failure]:
         """Masks for HxWx3 uint8 images, in input order; a Failure for an image the model fails on."""
         return _Run(self, images).results()
+
+    @torch.inference_mode()
+    def window_outputs(self, x: torch.Tensor, whole: list[bool]) -> list[Prediction | torch.Tensor]:
+        """Per item of a normalised batch: a whole image's ``Prediction`` straight from its logits (``whole``,
+        with one view), or a window's [h, w, C] probabilities for the merge (test-time views average
+        probabilities, so every item is merged then)."""
+        if len(self.plan.views) > 1 or not any(whole):
+            return list(self.probabilities(x))
+        logits = self.logits(x)
+        pick = torch.tensor(whole, device=logits.device)
+        labels, top = top_class(logits[pick] if not all(whole) else logits)
+        masks = labels.to(torch.uint8).cpu().numpy()
+        confidences = (top.sum(dim=(1, 2), dtype=torch.float64) / top[0].numel()).tolist()
+        predictions = iter([Prediction(m, c) for m, c in zip(masks, confidences, strict=True)])
+        windows = iter(_softmax(logits[~pick]) if not all(whole) else ())
+        return [next(predictions) if w else next(windows) for w in whole]
 
     @torch.inference_mode()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,16 +186,20 @@ class _Run:
         batch = [item for item in batch if not isinstance(self.out[item[0]], Failure)]
         if not batch:
             return
+        whole = [len(self.rows[i]) == len(self.rows[i][0]) == 1 for i, _ in batch]
         error = None
         try:
-            probs = self.p.probabilities(self.p.to_input([_crop(self.images[i], w) for i, w in batch]))
+            outputs = self.p.window_outputs(self.p.to_input([_crop(self.images[i], w) for i, w in batch]), whole)
         except Exception as e:  # an image the model cannot take must not take its batch with it
             error = e.with_traceback(None)  # its frames would keep the failed batch's tensors alive
         if error is not None:
             self._failed(batch, error)
             return
-        for (i, window), p in zip(batch, probs, strict=True):
-            self._merge(i, window, p)
+        for (i, window), out in zip(batch, outputs, strict=True):
+            if isinstance(out, Prediction):
+                self.out[i] = out
+            else:
+                self._merge(i, window, out)
 
     def _failed(self, batch: list[_Item], error: Exception) -> None:
         if _is_cuda_oom(error):
@@ -210,6 +231,15 @@ class _Run:
         text = str(error).strip()
         detail = f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
         self.out[i] = Failure(f"the model failed on this image: {detail}")
+
+
+def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's class and top softmax probability from [N, C, h, w] logits, in fp32. At the argmax the
+    softmax is exactly 1 / sum_j exp(l_j - l_max), so no probability of the other classes is written: one max
+    and one exp pass, a third less time than softmax then max on this project's CPU (BENCHMARKS.md)."""
+    logits = logits.float()
+    top, labels = logits.max(dim=1)
+    return labels, (logits - top.unsqueeze(1)).exp_().sum(dim=1).reciprocal_()
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
