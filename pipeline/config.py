@@ -336,7 +336,9 @@ class JobConfig(BaseModel):
     )
     batch_size: int = Field(8, ge=1, description="windows (or whole images) per forward pass, of one size each")
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on CUDA")
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="CUDA arithmetic: fp32 (IEEE, as on CPU), tf32 (TF32 tensor cores), bf16/fp16 autocast"
+    )
     channels_last: bool = Field(True, description="NHWC tensors: faster convolutions with oneDNN (CPU) and cuDNN")
     io_threads: int = Field(8, ge=1, le=256, description="threads per actor for reading, decoding, encoding")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of mask PNGs (1 = fast)")

@@ -79,6 +79,8 @@ class Predictor:
         # Reduced precision pays off on CUDA; on CPU it would only cost accuracy. channels_last pays on both:
         # 1.2-2.1x on this project's 2-core CPU (BENCHMARKS.md), and it lets cuDNN use tensor cores.
         self.autocast_dtype = _DTYPES.get(precision) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            _cuda_fp32_math(precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         if self.device.type == "cpu":
@@ -231,6 +233,16 @@ class _Run:
         text = str(error).strip()
         detail = f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
         self.out[i] = Failure(f"the model failed on this image: {detail}")
+
+
+def _cuda_fp32_math(precision: str) -> None:
+    """How CUDA computes fp32 convolutions and matmuls in this process (one model per process). ``fp32`` means
+    IEEE: PyTorch's default lets cuDNN round convolution inputs to TF32 (a 10-bit mantissa), and masks would then
+    differ from the CPU's; ``tf32`` asks for the tensor cores. Under bf16/fp16 autocast only the few ops kept in
+    fp32 are affected, and they stay IEEE."""
+    mode = "tf32" if precision == "tf32" else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = mode
+    torch.backends.cuda.matmul.fp32_precision = mode
 
 
 def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
