@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 def test_quick_bench_reports_every_path_and_ratio(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "--quick", "--model", "unet_tiny", "--actors", "1", "--device", "cpu", "--work", str(tmp_path)]
-    assert main([*argv, "--json", str(out)]) == 0
+    assert main([*argv, "--paths", "ceiling,naive,raydata,segpipe,core", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
 
-    assert set(report["paths"]) == {"ceiling", "naive", "raydata", "segpipe"}
+    assert set(report["paths"]) == {"ceiling", "naive", "raydata", "segpipe", "core"}
     for name, path in report["paths"].items():
         assert path["images"] >= 32, name
         assert path["images_per_s"] > 0 and path["seconds"] > 0, name
@@ -35,10 +35,38 @@ def test_quick_bench_reports_every_path_and_ratio(tmp_path):
         "fp32",
     )
     assert report["machine"]["cpus"] >= 1 and report["versions"]["torch"]
-    timings = report["paths"]["segpipe"]["timings"]  # from the run's manifest
-    assert timings["infer_seconds"] > 0 and timings["plan_seconds"] > 0
+    for name in ("segpipe", "core"):  # the job with Ray and without
+        timings = report["paths"][name]["timings"]  # from the run's manifest
+        assert timings["infer_seconds"] > 0 and timings["plan_seconds"] > 0, name
+        assert "gpu_peak_mb" not in report["paths"][name]  # no CUDA used
     # The Ray paths' memory includes their worker processes: more than the driver alone holds.
     assert report["paths"]["segpipe"]["peak_rss_mb"] > report["paths"]["ceiling"]["peak_rss_mb"]
+
+
+@pytest.mark.s3
+def test_quick_datapath_bench_reports_steps_host_rates_and_the_job(tmp_path):
+    from pipeline.bench.datapath import HOST_STEPS, STEPS
+
+    out = tmp_path / "datapath.json"
+    assert main(["bench", "--datapath", "--quick", "--work", str(tmp_path), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    assert report["model"] == "pointwise" and set(report["paths"]) == {"limit", "host", "segpipe"}
+    limit = report["paths"]["limit"]
+    assert limit["images"] == 32 and tuple(limit["steps_ms"]) == tuple(limit["steps_cpu_ms"]) == STEPS
+    assert all(limit["steps_ms"][k] > 0 for k in STEPS) and all(limit["steps_cpu_ms"][k] >= 0 for k in STEPS)
+    assert limit["seconds"] == pytest.approx(sum(limit["steps_ms"].values()) * 32 / 1000, rel=0.01)
+    cpus = report["machine"]["cpus"]
+    assert set(report["paths"]["host"]["rates"]) == {"one_thread", f"{cpus}_threads", f"{cpus}_processes"}
+    assert all(r > 0 for r in report["paths"]["host"]["rates"].values())
+    assert report["paths"]["segpipe"]["images"] == 32
+    s = report["datapath"]
+    assert s["limit_images_per_s_per_core"] == pytest.approx(1000 / sum(limit["steps_ms"].values()), rel=0.01)
+    assert s["host_ms_per_image"] == pytest.approx(sum(limit["steps_ms"][k] for k in HOST_STEPS), rel=0.01)
+    assert s["job_over_limit"] == pytest.approx(
+        s["job_images_per_s_per_core"] / s["limit_images_per_s_per_core"], rel=0.01
+    )
+    assert 0 <= s["host_serial_share"] <= 1 and s["host_threads_over_processes"] > 0
 
 
 def test_ceiling_splits_work_across_processes_and_repeat_keeps_every_round(tmp_path):

@@ -1,7 +1,9 @@
-"""The four paths of ``segpipe bench``. ``python -m pipeline.bench.paths <path> '<workload json>'`` runs one
-and prints ``{"images": n, "seconds": s}`` (segpipe adds its manifest's ``timings``): wall time of the work
-itself, after imports; Ray, where a path uses it, is started before the clock (both Ray paths alike), model
-loading is inside it except for ``ceiling``, which measures the forward pass alone."""
+"""The paths of ``segpipe bench``. ``python -m pipeline.bench.paths <path> '<workload json>'`` runs one and
+prints ``{"images": n, "seconds": s}`` and what else the path reports (segpipe and core add their manifest's
+``timings``; ceiling and core on CUDA add ``gpu_peak_mb``, the most memory PyTorch's tensors held on one GPU;
+limit and host, the data path's own measures, add theirs): wall time of the work itself, after imports. Ray,
+where a path uses it, is started before the clock (both Ray paths alike); model loading is inside it except for
+``ceiling``, which measures the forward pass alone."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import queue
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,16 @@ from pipeline.bench.workload import Workload
 
 
 def _load(w: Workload):
+    """The workload's model, in a process whose CPU arithmetic flushes denormals, as Predictor's does: a
+    random initialisation's tiny values would otherwise make the figures depend on the seed."""
+    from pipeline.cpu_tuning import flush_denormals
     from pipeline.models.checkpoint import load_checkpoint
 
+    flush_denormals()
     return load_checkpoint(Path(w.checkpoint).read_bytes(), w.checkpoint)
 
 
-def ceiling(w: Workload) -> tuple[int, float]:
+def ceiling(w: Workload) -> tuple[int, float, dict]:
     """Forward passes and argmax over pre-decoded, normalised inputs already on the device, in segpipe's own
     process layout: ``actors`` processes at once, each with the torch threads a segpipe actor gets. One
     process with every thread is not the ceiling: on one thread per process PyTorch's convolutions take
@@ -36,7 +43,7 @@ def ceiling(w: Workload) -> tuple[int, float]:
     procs = [ctx.Process(target=_forward_only, args=(w, i, n, start, spans)) for i, n in enumerate(shares)]
     for p in procs:
         p.start()
-    got: list[tuple[float, float]] = []
+    got: list[tuple[float, float, float | None]] = []
     while len(got) < len(procs):
         try:
             got.append(spans.get(timeout=1))
@@ -46,7 +53,9 @@ def ceiling(w: Workload) -> tuple[int, float]:
                 raise RuntimeError("a ceiling process failed; its traceback is above") from None
     for p in procs:
         p.join()
-    return sum(shares) * w.batch_size, max(end for _, end in got) - min(begin for begin, _ in got)
+    seconds = max(end for _, end, _ in got) - min(begin for begin, _, _ in got)
+    peaks = [peak for _, _, peak in got if peak is not None]
+    return sum(shares) * w.batch_size, seconds, {"gpu_peak_mb": max(peaks)} if peaks else {}
 
 
 def _forward_only(w: Workload, index: int, batches: int, start, spans) -> None:
@@ -77,7 +86,7 @@ def _forward_only(w: Workload, index: int, batches: int, start, spans) -> None:
         for i in range(batches):
             pred.model(inputs[i % len(inputs)]).argmax(1)
         _sync(pred.device)
-    spans.put((begin, time.monotonic()))
+    spans.put((begin, time.monotonic(), _gpu_peak_mb()))
 
 
 def naive(w: Workload) -> tuple[int, float]:
@@ -155,31 +164,47 @@ def segpipe(w: Workload) -> tuple[int, float, dict]:
     """The real job: plan, actors, masks, stats parts, reduce, manifest (without Prefect's orchestration)."""
     import ray
 
-    from pipeline.config import load_config
     from pipeline.execution import run_shards
-    from pipeline.job import finalize_job, plan_job
 
     ray.init(num_cpus=_cpus(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    out = tempfile.mkdtemp(prefix="bench-segpipe-")
+    return _job(w, run_shards, shards_per_worker=4 * w.actors)
+
+
+def core(w: Workload) -> tuple[int, float, dict]:
+    """The same job without Ray: one ShardProcessor in this process, its IO threads decoding and encoding around
+    the model. What runs on a machine that has torch but no Ray, and what one GPU actor does."""
+    from pipeline.execution import run_inline
+
+    images, seconds, detail = _job(w, run_inline, shards_per_worker=4)
+    peak = _gpu_peak_mb()
+    return images, seconds, detail | ({"gpu_peak_mb": peak} if peak is not None else {})
+
+
+def _job(w: Workload, run, shards_per_worker: int) -> tuple[int, float, dict]:
+    from pipeline.config import load_config
+    from pipeline.job import finalize_job, plan_job
+
+    out = f"{w.images.split('/')[2]}/bench-out/{uuid.uuid4().hex}" if w.storage else None
     start = time.perf_counter()
     cfg = load_config(
         None,
         input_uri=w.images,
-        output_uri=out,
+        output_uri=f"s3://{out}" if out else tempfile.mkdtemp(prefix="bench-segpipe-"),
+        storage=w.storage or {},
         checkpoint_uri=w.checkpoint,
         batch_size=w.batch_size,
         actors=w.actors,
-        # Enough shards for every actor to hold two at once (one reading while the other computes).
-        shard_size=max(w.batch_size, w.count // (4 * w.actors)),
+        # Enough shards for every worker to hold two at once (one reading while the other computes).
+        shard_size=max(w.batch_size, w.count // shards_per_worker),
         device=w.device,
         precision=w.precision,
     )
     plan = plan_job(cfg)
     infer_start = time.perf_counter()
-    summaries = run_shards(plan.cfg, plan.run_id, plan.pending)
+    summaries = run(plan.cfg, plan.run_id, plan.pending)
     result = finalize_job(plan, summaries, time.perf_counter() - infer_start)
     seconds = time.perf_counter() - start
-    return result["manifest"]["counts"]["images"], seconds, result["manifest"]["timings"]
+    return result["manifest"]["counts"]["images"], seconds, {"timings": result["manifest"]["timings"]}
 
 
 def _parquet_rows(path: Path) -> int:
@@ -202,6 +227,17 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _gpu_peak_mb() -> float | None:
+    """The most memory this process's tensors held on one GPU (torch.cuda.max_memory_allocated), or None where it
+    did not use CUDA."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return round(peak / 2**20, 1)
+
+
 def _sync(device) -> None:
     import torch
 
@@ -209,9 +245,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-PATHS = {"ceiling": ceiling, "naive": naive, "raydata": raydata, "segpipe": segpipe}
+def limit(w: Workload) -> tuple[int, float, dict]:
+    from pipeline.bench import datapath
+
+    return datapath.limit(w)
+
+
+def host(w: Workload) -> tuple[int, float, dict]:
+    from pipeline.bench import datapath
+
+    return datapath.host(w)
+
+
+PATHS = {
+    "ceiling": ceiling,
+    "naive": naive,
+    "raydata": raydata,
+    "segpipe": segpipe,
+    "core": core,
+    "limit": limit,  # the data path's steps alone (pipeline/bench/datapath.py)
+    "host": host,
+}
 
 if __name__ == "__main__":
     images, seconds, *detail = PATHS[sys.argv[1]](Workload.from_json(sys.argv[2]))
-    print(json.dumps({"images": images, "seconds": seconds, **({"timings": detail[0]} if detail else {})}))
+    print(json.dumps({"images": images, "seconds": seconds, **(detail[0] if detail else {})}))
     sys.stdout.flush()

@@ -17,7 +17,8 @@ ORDER = ("ceiling", "naive", "raydata", "segpipe")
 
 
 def run_path(name: str, workload: Workload) -> dict:
-    """One path in a fresh Python process: images/s, seconds, and the peak RSS of its whole process tree."""
+    """One path in a fresh Python process: images/s, seconds, and the peak RSS of its whole process tree (and
+    whatever else the path reports: ``timings``, ``gpu_peak_mb``, ``steps_ms``...)."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.bench.paths", name, workload.to_json()],
@@ -37,7 +38,7 @@ def run_path(name: str, workload: Workload) -> dict:
         "seconds": round(result["seconds"], 3),
         "images_per_s": round(result["images"] / result["seconds"], 3),
         "peak_rss_mb": round(peak.bytes / 2**20, 1),
-        **({"timings": result["timings"]} if "timings" in result else {}),
+        **{key: value for key, value in result.items() if key not in ("images", "seconds")},
     }
 
 
@@ -97,7 +98,6 @@ def machine() -> dict:
 
 def versions() -> dict:
     import pyarrow
-    import ray
     import torch
     import torchvision
 
@@ -108,9 +108,18 @@ def versions() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
+        "ray": _installed("ray"),  # None where Ray is not installed (the core paths run without it)
         "pyarrow": pyarrow.__version__,
     }
+
+
+def _installed(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str | None:
@@ -124,12 +133,16 @@ def _cpu_model() -> str | None:
 
 
 def format_table(report: dict) -> str:
+    gpu = any("gpu_peak_mb" in r for r in report["paths"].values())
     lines = [
         f"{report['model']}, {report['images']} images of {report['image_size']}x{report['image_size']}, "
         f"batch {report['batch_size']}, {report['actors']} actors, {report['device']} {report['precision']}",
-        f"{'path':<10}{'images/s':>10}{'seconds':>10}{'peak RSS MB':>13}",
+        f"{'path':<10}{'images/s':>10}{'seconds':>10}{'peak RSS MB':>13}" + (f"{'GPU peak MB':>13}" if gpu else ""),
     ]
     for name, r in report["paths"].items():
-        lines.append(f"{name:<10}{r['images_per_s']:>10.2f}{r['seconds']:>10.1f}{r['peak_rss_mb']:>13.0f}")
+        line = f"{name:<10}{r['images_per_s']:>10.2f}{r['seconds']:>10.1f}{r['peak_rss_mb']:>13.0f}"
+        if gpu:  # the paths that used CUDA in their own process: ceiling and core
+            line += f"{r['gpu_peak_mb']:>13.0f}" if "gpu_peak_mb" in r else f"{'-':>13}"
+        lines.append(line)
     lines += [f"{k}: {v:.2f}" for k, v in report["ratios"].items()]
     return "\n".join(lines)

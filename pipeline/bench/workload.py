@@ -17,7 +17,7 @@ NUM_CLASSES = 21  # VOC's: the size of the classifier the published models have
 
 @dataclass(frozen=True)
 class Workload:
-    images: str  # folder of <count> JPEGs, size x size
+    images: str  # folder (or object-store prefix) of <count> JPEGs, size x size
     checkpoint: str
     model: str
     size: int
@@ -26,6 +26,7 @@ class Workload:
     actors: int
     device: str
     precision: str
+    storage: dict | None = None  # the job config's storage section, for images on an object store
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -84,6 +84,18 @@ def bench(args: argparse.Namespace) -> int:
 
         report = increments.measure(work, rounds=args.repeat)
         print(json.dumps(report, indent=2))
+    elif args.datapath:
+        from pipeline.bench import datapath
+
+        report = datapath.measure(
+            work,
+            size=256 if args.quick else args.size or 512,
+            count=32 if args.quick else args.count,
+            actors=args.actors or 2,
+            repeat=args.repeat,
+            on_path=lambda name, r: log.info("%s: %s", name, r),
+        )
+        print(datapath.format_summary(report))
     elif args.large:
         from pipeline.bench import large
 

@@ -94,8 +94,12 @@ def _add_bench(sub) -> None:
         "--actors", type=_positive, help="actors of raydata and segpipe, processes of ceiling (2 on CPU, 1 per GPU)"
     )
     bn.add_argument("--device", default="auto")
-    bn.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    bn.add_argument("--paths", default="ceiling,naive,raydata,segpipe", help="comma-separated subset, in order")
+    bn.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16", "fp16"))
+    bn.add_argument(
+        "--paths",
+        default="ceiling,naive,raydata,segpipe",
+        help="comma-separated, in order; also core (the job without Ray, one process)",
+    )
     bn.add_argument("--quick", action="store_true", help="32 images of 256x256, batch 4: a smoke run")
     bn.add_argument(
         "--repeat", type=_positive, default=1, help="rounds of all paths in turn; each path reports its fastest"
@@ -107,6 +111,13 @@ def _add_bench(sub) -> None:
         "--increments",
         action="store_true",
         help="instead: planning an increment of 1,000 images over 10k and 100k committed, on a local S3",
+    )
+    bn.add_argument(
+        "--datapath",
+        action="store_true",
+        help="instead: the job on the 1x1-convolution model pointwise, input and output on a local S3, against the "
+        "sum of its steps timed alone (limit), and the host-side steps in threads and in processes (--size, --count, "
+        "--actors, --repeat apply; --quick: 32 images of 256x256)",
     )
     bn.add_argument(
         "--large",
