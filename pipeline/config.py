@@ -139,6 +139,19 @@ class StorageConfig(BaseModel):
     key: SecretStr | None = Field(None, description="access key id; never logged or written")
     secret: SecretStr | None = Field(None, description="secret access key; never logged or written")
     anon: bool = Field(False, description="anonymous access, for public buckets")
+    client: Literal["s3fs", "obstore"] = Field(
+        "s3fs",
+        description="who makes whole-object GETs and PUTs: s3fs, or obstore (Rust, outside the GIL; no ~/.aws "
+        "profiles, give region for a bucket outside us-east-1)",
+    )
+
+    def filesystem(self, uri: str) -> type | None:
+        """The fsspec class for ``uri`` when it is not fsspec's own choice: obstore's hot path for s3://."""
+        if self.client == "obstore" and uri.startswith(("s3://", "s3a://")):
+            from pipeline.obstore_s3 import ObstoreS3FileSystem
+
+            return ObstoreS3FileSystem
+        return None
 
     def options(self, uri: str) -> dict[str, Any]:
         """fsspec options for ``uri``: the S3 settings for s3:// URIs, nothing for other protocols."""
@@ -359,7 +372,7 @@ class JobConfig(BaseModel):
 
     def resolve(self, uri: str):
         """``(fs, path)`` for one of this job's URIs, with the storage settings applied."""
-        return storage.resolve(uri, **self.storage.options(uri))
+        return storage.resolve(uri, self.storage.filesystem(uri), **self.storage.options(uri))
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -441,7 +454,7 @@ class EvaluateConfig(BaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
 
     def resolve(self, uri: str):
-        return storage.resolve(uri, **self.storage.options(uri))
+        return storage.resolve(uri, self.storage.filesystem(uri), **self.storage.options(uri))
 
     @field_validator("ignore_classes")
     @classmethod
@@ -487,7 +500,7 @@ class TrainConfig(BaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="object-store settings")
 
     def resolve(self, uri: str):
-        return storage.resolve(uri, **self.storage.options(uri))
+        return storage.resolve(uri, self.storage.filesystem(uri), **self.storage.options(uri))
 
 
 class ImportConfig(BaseModel):
@@ -541,7 +554,7 @@ class ImportConfig(BaseModel):
         return self
 
     def resolve(self, uri: str):
-        return storage.resolve(uri, **self.storage.options(uri))
+        return storage.resolve(uri, self.storage.filesystem(uri), **self.storage.options(uri))
 
 
 def load_config(path: str | Path | None = None, schema: type[BaseModel] = JobConfig, **overrides: Any) -> Any:

@@ -25,8 +25,13 @@ _UNUSABLE = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirector
 _UNUSABLE_BOTOCORE = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError")
 
 
-def resolve(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+def resolve(uri: str, filesystem: type | None = None, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fs, path)`` for ``uri``: fsspec's filesystem for its protocol, or ``filesystem`` (a subclass of it)."""
+    if filesystem is None:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    else:
+        fs = filesystem(**storage_options)
+        path = fs._strip_protocol(uri)
     return fs, path.rstrip("/") or path
 
 

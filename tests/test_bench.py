@@ -48,19 +48,23 @@ def test_quick_datapath_bench_reports_steps_host_rates_and_the_job(tmp_path):
     from pipeline.bench.datapath import HOST_STEPS, STEPS
 
     out = tmp_path / "datapath.json"
-    assert main(["bench", "--datapath", "--quick", "--work", str(tmp_path), "--json", str(out)]) == 0
+    # One client, not the default s3fs: the paths of another client are named <path>:<client>.
+    argv = ["bench", "--datapath", "--quick", "--storage-client", "obstore", "--work", str(tmp_path)]
+    assert main([*argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
 
-    assert report["model"] == "pointwise" and set(report["paths"]) == {"limit", "host", "segpipe"}
-    limit = report["paths"]["limit"]
+    assert report["model"] == "pointwise" and set(report["datapath"]) == {"obstore"}
+    paths = {name.removesuffix(":obstore"): path for name, path in report["paths"].items()}
+    assert len(paths) == 3 and all(name.endswith(":obstore") for name in report["paths"])
+    limit = paths["limit"]
     assert limit["images"] == 32 and tuple(limit["steps_ms"]) == tuple(limit["steps_cpu_ms"]) == STEPS
     assert all(limit["steps_ms"][k] > 0 for k in STEPS) and all(limit["steps_cpu_ms"][k] >= 0 for k in STEPS)
     assert limit["seconds"] == pytest.approx(sum(limit["steps_ms"].values()) * 32 / 1000, rel=0.01)
     cpus = report["machine"]["cpus"]
-    assert set(report["paths"]["host"]["rates"]) == {"one_thread", f"{cpus}_threads", f"{cpus}_processes"}
-    assert all(r > 0 for r in report["paths"]["host"]["rates"].values())
-    assert report["paths"]["segpipe"]["images"] == 32
-    s = report["datapath"]
+    assert set(paths["host"]["rates"]) == {"one_thread", f"{cpus}_threads", f"{cpus}_processes"}
+    assert all(r > 0 for r in paths["host"]["rates"].values())
+    assert paths["segpipe"]["images"] == 32
+    s = report["datapath"]["obstore"]
     assert s["limit_images_per_s_per_core"] == pytest.approx(1000 / sum(limit["steps_ms"].values()), rel=0.01)
     assert s["host_ms_per_image"] == pytest.approx(sum(limit["steps_ms"][k] for k in HOST_STEPS), rel=0.01)
     assert s["job_over_limit"] == pytest.approx(

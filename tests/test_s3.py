@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli.logs import configure_logging
-from pipeline.config import load_config
+from pipeline.config import StorageConfig, load_config
 from pipeline.devtools.local_s3 import PUBLIC_BUCKET
 from pipeline.errors import InputError, SegpipeError, StorageUnavailable
 from pipeline.outputs import part_sources
@@ -220,6 +220,59 @@ class _SeenShardRetry(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "retrying in" in record.getMessage():
             self.seen.set()
+
+
+def test_obstore_client_writes_what_s3fs_writes(s3_server, bucket, tmp_path):
+    """storage.client: obstore (whole-object GETs and PUTs in Rust) gives the s3fs run's rows, metrics and
+    masks byte for byte; a missing image is still its error row."""
+    from pipeline.execution import run_inline
+    from pipeline.job import finalize_job, plan_job
+
+    fs = s3_server.fs()
+    data = f"{bucket}/obstore-{uuid.uuid4().hex[:6]}"
+    fs.copy(f"{bucket}/data/images", f"{data}/images", recursive=True)
+    gone = sorted(fs.find(f"{data}/images"))[5]
+    runs = {}
+    for client in ("s3fs", "obstore"):
+        cfg = load_config(
+            s3_job(tmp_path, s3_server, bucket, f"{data}/out-{client}", shard_size=12),
+            input_uri=f"s3://{data}/images",
+            storage={"client": client},
+        )
+        plan = plan_job(cfg)
+        if client == "obstore":
+            assert type(plan.cfg.resolve(plan.cfg.input_uri)[0]).__name__ == "ObstoreS3FileSystem"
+        fs.rm(gone)  # listed by the plan, gone when its shard reads it
+        runs[client] = finalize_job(plan, run_inline(plan.cfg, plan.run_id, plan.pending), 1.0)
+        fs.pipe(gone, b"")  # back, for the other client's plan (an empty file: not a decodable image)
+        fs.invalidate_cache()
+
+    assert runs["obstore"]["metrics"] == runs["s3fs"]["metrics"]
+    rows = {c: stats_table(fs, f"{data}/out-{c}") for c in runs}
+    assert rows["obstore"].drop(LOCATION_COLUMNS).equals(rows["s3fs"].drop(LOCATION_COLUMNS))
+    errors = [e for e in rows["obstore"]["error"].to_pylist() if e]
+    assert errors == ["missing file: the image was listed but could not be read"]
+    masks = {c: sorted(fs.find(f"{data}/out-{c}/masks")) for c in runs}
+    assert len(masks["obstore"]) == 23
+    for a, b in zip(masks["s3fs"], masks["obstore"], strict=True):
+        assert fs.cat_file(a) == fs.cat_file(b)
+
+
+def test_obstore_client_errors_are_the_builtin_ones(s3_server, bucket, unused_port):
+    from pipeline.obstore_s3 import ObstoreS3FileSystem
+
+    fs = ObstoreS3FileSystem(**StorageConfig(**s3_server.storage_config()).options("s3://"))
+    fs.pipe_file(f"{bucket}/obstore-put", b"written by obstore")
+    assert s3_server.fs().cat_file(f"{bucket}/obstore-put") == b"written by obstore"
+    assert s3_server.fs().info(f"{bucket}/obstore-put")["ETag"]  # incremental runs still list versions
+    with pytest.raises(FileNotFoundError):
+        fs.cat_file(f"{bucket}/no-such-object")
+    down = ObstoreS3FileSystem(endpoint_url=f"http://127.0.0.1:{unused_port}", key="k", secret="s")
+    start = time.monotonic()
+    with pytest.raises(OSError) as refused:
+        down.cat_file(f"{bucket}/anything")
+    assert not isinstance(refused.value, FileNotFoundError)  # an outage fails the shard, it is no missing image
+    assert time.monotonic() - start < 60
 
 
 @pytest.mark.parametrize("outage", ["short", "past_client_retries"])

@@ -31,14 +31,24 @@ from pipeline.bench.workload import Workload
 
 STEPS = ("fetch", "decode", "normalise", "model", "argmax_confidence", "png_encode", "statistics", "writes")
 HOST_STEPS = ("fetch", "decode", "png_encode", "statistics", "writes")
+PATHS = ("limit", "host", "segpipe")  # run for each storage client
 SAMPLE = 256  # images timed per step: enough for a stable mean, few enough to be quick
 
 
 def measure(
-    work: Path, size: int = 512, count: int = 1024, actors: int = 2, repeat: int = 1, on_path=None, device="cpu"
+    work: Path,
+    size: int = 512,
+    count: int = 1024,
+    actors: int = 2,
+    repeat: int = 1,
+    on_path=None,
+    device: str = "cpu",
+    clients: tuple[str, ...] = ("s3fs",),
 ) -> dict:
     """``repeat`` interleaved rounds of limit, host and the real job (the ``segpipe`` path) on the ``pointwise``
-    model, the images on a local S3 server started here; the per-core summary in ``datapath``."""
+    model, the images on a local S3 server started here and reached through each of ``clients`` in turn
+    (``storage.client``; the paths of a client other than s3fs are named ``<path>:<client>``); the per-core
+    summary of each client in ``datapath``."""
     from pipeline.bench.runner import run_bench
     from pipeline.bench.workload import build
     from pipeline.devtools.local_s3 import LocalS3
@@ -46,9 +56,13 @@ def measure(
     w = build(work, "pointwise", size, count, batch_size=1, actors=actors, device=device, precision="fp32")
     with LocalS3(work / "s3-datapath") as s3:
         w = replace(w, images=upload(s3, Path(w.images)), storage=s3.storage_config())
-        report = run_bench(w, ("limit", "host", "segpipe"), on_path, repeat)
-    report["datapath"] = summarise(report)
+        report = run_bench(w, tuple(_named(p, c) for c in clients for p in PATHS), on_path, repeat)
+    report["datapath"] = {client: summarise(report, client) for client in clients}
     return report
+
+
+def _named(path: str, client: str) -> str:
+    return path if client == "s3fs" else f"{path}:{client}"
 
 
 def upload(s3, images: Path, bucket: str = "bench") -> str:
@@ -67,25 +81,32 @@ class _Steps:
     """Everything the steps need, made before any clock starts: the storage, the model (``predictor``), the output
     prefix, and open connections."""
 
-    def __init__(self, w: Workload, predictor: bool = True) -> None:
-        import torch
-
+    def __init__(self, w: Workload, classes: tuple[int, np.ndarray] | None = None) -> None:
+        """With ``classes`` (the number of classes and the palette) no model is loaded, and torch not imported."""
         from pipeline.config import JobConfig
-        from pipeline.inference.predictor import Predictor
-        from pipeline.models.checkpoint import load_checkpoint
 
-        torch.set_num_threads(1)
         cfg = JobConfig(input_uri=w.images, output_uri=w.images, checkpoint_uri=w.checkpoint, storage=w.storage or {})
         self.fs, root = cfg.resolve(w.images)
         self.paths = sorted(self.fs.ls(root))[:SAMPLE]
         bucket = storage.bucket_of(self.fs, root)
         self.out = f"{bucket}/bench-steps/{os.getpid()}" if bucket else tempfile.mkdtemp(prefix="bench-steps-")
-        model, self.meta = load_checkpoint(Path(w.checkpoint).read_bytes(), w.checkpoint)
-        if predictor:
-            self.predictor = Predictor(model, self.meta, device=w.device, batch_size=1, precision=w.precision)
-        self.palette = self.meta.palette_array()
+        if classes is None:
+            self._load_model(w)
+        else:
+            self.num_classes, self.palette = classes
         self.shard_size = cfg.shard_size
         storage.write_bytes(self.fs, f"{self.out}/warm-up", self.fetch(self.paths[0]))  # connections open
+
+    def _load_model(self, w: Workload) -> None:
+        import torch
+
+        from pipeline.inference.predictor import Predictor
+        from pipeline.models.checkpoint import load_checkpoint
+
+        torch.set_num_threads(1)
+        model, meta = load_checkpoint(Path(w.checkpoint).read_bytes(), w.checkpoint)
+        self.predictor = Predictor(model, meta, device=w.device, batch_size=1, precision=w.precision)
+        self.num_classes, self.palette = meta.num_classes, meta.palette_array()
 
     def fetch(self, path: str) -> bytes:
         return self.fs.cat_file(path)
@@ -102,7 +123,7 @@ class _Steps:
         from pipeline.stats import image_stats
 
         ids = dict(run_id="bench", image_id=f"{i}.jpg", source_uri=self.paths[i], shard_id="bench", model="pointwise")
-        stats = image_stats(mask, self.meta.num_classes, None).columns()
+        stats = image_stats(mask, self.num_classes, None).columns()
         h, w = mask.shape
         return ImageRow(
             **ids,
@@ -189,7 +210,8 @@ def host(w: Workload) -> tuple[int, float, dict]:
         threads = _rate(lambda: list(pool.map(lambda part: _host_steps(s, part, masks), _parts(len(masks), cpus))))
     spawn = multiprocessing.get_context("spawn")  # a fork would copy torch's threads
     ready = spawn.Barrier(cpus)  # no task ends before every worker is set up: all of them are, before the clock
-    with ProcessPoolExecutor(cpus, mp_context=spawn, initializer=_init_worker, initargs=(w, masks, ready)) as pool:
+    setup = (w, (s.num_classes, s.palette), masks, ready)
+    with ProcessPoolExecutor(cpus, mp_context=spawn, initializer=_init_worker, initargs=setup) as pool:
         list(pool.map(_noop, range(cpus)))
         processes = _rate(lambda: list(pool.map(_worker_steps, _parts(len(masks), cpus))))
     n = len(masks)
@@ -228,9 +250,9 @@ def _rate(fn: Callable) -> float:
 _worker: tuple[_Steps, list] | None = None
 
 
-def _init_worker(w: Workload, masks: list, ready) -> None:
+def _init_worker(w: Workload, classes: tuple[int, np.ndarray], masks: list, ready) -> None:
     global _worker
-    _worker = (_Steps(w, predictor=False), masks)
+    _worker = (_Steps(w, classes), masks)
     _host_steps(_worker[0], [0], masks)  # as in the parent: imports and first writes before the clock
     ready.wait()
 
@@ -243,10 +265,11 @@ def _worker_steps(part: range) -> None:
     _host_steps(_worker[0], part, _worker[1])
 
 
-def summarise(report: dict) -> dict:
+def summarise(report: dict, client: str = "s3fs") -> dict:
     """Per core: the job, its limit, their ratio; the host-side share, by wall time and by CPU time (a GET's
     wait for the server costs no core), and how far threads scale on it against processes."""
-    paths, cpus = report["paths"], report["machine"]["cpus"]
+    paths = {name: report["paths"][_named(name, client)] for name in PATHS}
+    cpus = report["machine"]["cpus"]
     limit = paths["limit"]
     limit_per_core = 1000 / sum(limit["steps_ms"].values())
     job_per_core = paths["segpipe"]["images_per_s"] / cpus
@@ -273,10 +296,14 @@ def _serial_share(speedup: float, n: int) -> float:
 
 
 def format_summary(report: dict) -> str:
-    s, limit = report["datapath"], report["paths"]["limit"]
+    return "\n".join(_format(report, client, s) for client, s in report["datapath"].items())
+
+
+def _format(report: dict, client: str, s: dict) -> str:
+    limit = report["paths"][_named("limit", client)]
     wall, cpu = limit["steps_ms"], limit["steps_cpu_ms"]
     return (
-        "ms per image, each step alone on one thread (wall / CPU): "
+        f"{client}: ms per image, each step alone on one thread (wall / CPU): "
         + ", ".join(f"{k} {wall[k]:.2f} / {cpu[k]:.2f}" for k in wall)
         + f"\njob {s['job_images_per_s_per_core']:.1f} images/s per core, limit {s['limit_images_per_s_per_core']:.1f}:"
         f" {s['job_over_limit']:.2f} of it\n"

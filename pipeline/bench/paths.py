@@ -7,6 +7,7 @@ where a path uses it, is started before the clock (both Ray paths alike); model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import sys
@@ -268,6 +269,11 @@ PATHS = {
 }
 
 if __name__ == "__main__":
-    images, seconds, *detail = PATHS[sys.argv[1]](Workload.from_json(sys.argv[2]))
+    # "<path>:<client>": the path with storage.client <client> (segpipe bench --datapath compares clients)
+    name, _, client = sys.argv[1].partition(":")
+    workload = Workload.from_json(sys.argv[2])
+    if client:
+        workload = dataclasses.replace(workload, storage=(workload.storage or {}) | {"client": client})
+    images, seconds, *detail = PATHS[name](workload)
     print(json.dumps({"images": images, "seconds": seconds, **(detail[0] if detail else {})}))
     sys.stdout.flush()

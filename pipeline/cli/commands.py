@@ -94,6 +94,7 @@ def bench(args: argparse.Namespace) -> int:
             actors=args.actors or 2,
             repeat=args.repeat,
             on_path=lambda name, r: log.info("%s: %s", name, r),
+            clients=tuple(c.strip() for c in args.storage_client.split(",")),
         )
         print(datapath.format_summary(report))
     elif args.large:

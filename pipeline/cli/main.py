@@ -120,6 +120,11 @@ def _add_bench(sub) -> None:
         "--actors, --repeat apply; --quick: 32 images of 256x256)",
     )
     bn.add_argument(
+        "--storage-client",
+        default="s3fs",
+        help="with --datapath: storage.client, or several (s3fs,obstore) compared in interleaved rounds",
+    )
+    bn.add_argument(
         "--large",
         action="store_true",
         help="instead: one large image in slide mode against the forward alone (windows/s), and the peak RSS "
