@@ -94,7 +94,7 @@ class _Steps:
             self._load_model(w)
         else:
             self.num_classes, self.palette = classes
-        self.shard_size = cfg.shard_size
+        self.shard_size, self.png_level = cfg.shard_size, cfg.png_compress_level
         storage.write_bytes(self.fs, f"{self.out}/warm-up", self.fetch(self.paths[0]))  # connections open
 
     def _load_model(self, w: Workload) -> None:
@@ -152,7 +152,6 @@ def limit(w: Workload) -> tuple[int, float, dict]:
     import torch
 
     from pipeline.images import decode_rgb
-    from pipeline.inference.predictor import top_class
     from pipeline.palette import mask_to_png
 
     s = _Steps(w)
@@ -171,8 +170,8 @@ def limit(w: Workload) -> tuple[int, float, dict]:
         image = timed("decode", decode_rgb, data)
         x = timed("normalise", s.predictor.to_input, [image])
         logits = timed("model", s.predictor.logits, x)
-        mask, top = timed("argmax_confidence", _classes, top_class, logits)
-        png = timed("png_encode", mask_to_png, mask, s.palette, 1)
+        mask, top = timed("argmax_confidence", _classes, logits)
+        png = timed("png_encode", mask_to_png, mask, s.palette, s.png_level)
         rows.append(timed("statistics", s.row, i, mask, top))
         timed("writes", s.write_mask, i, png)
         if len(rows) == s.shard_size or i == len(s.paths) - 1:
@@ -183,17 +182,24 @@ def limit(w: Workload) -> tuple[int, float, dict]:
         one(0, s.paths[0])  # untimed: imports, the first forward's allocations, the first writes
         s.write_part(rows)
         rows.clear()
-        spent, cpu = dict.fromkeys(STEPS, 0.0), dict.fromkeys(STEPS, 0.0)
+        for totals in (spent, cpu):
+            totals.update(dict.fromkeys(STEPS, 0.0))
         for i, path in enumerate(s.paths):
             one(i, path)
     n = len(s.paths)
     # wall time, and the CPU time of the whole process (s3fs does its IO in a thread of its own)
     per_image = {"steps_ms": spent, "steps_cpu_ms": cpu}
-    return n, sum(spent.values()), {k: {s: round(1000 * v / n, 3) for s, v in d.items()} for k, d in per_image.items()}
+    return n, sum(spent.values()), {k: _ms_per_image(totals, n) for k, totals in per_image.items()}
 
 
-def _classes(top_class, logits) -> tuple[np.ndarray, float]:
+def _ms_per_image(seconds: dict[str, float], n: int) -> dict[str, float]:
+    return {step: round(1000 * v / n, 3) for step, v in seconds.items()}
+
+
+def _classes(logits) -> tuple[np.ndarray, float]:
     import torch
+
+    from pipeline.inference.predictor import top_class
 
     labels, top = top_class(logits)
     return labels[0].to(torch.uint8).cpu().numpy(), float(top.mean(dtype=torch.float64))
@@ -227,7 +233,7 @@ def _host_steps(s: _Steps, indices, masks: list) -> None:
     for i in indices:
         decode_rgb(s.fetch(s.paths[i]))
         mask, confidence = masks[i]
-        png = mask_to_png(mask, s.palette, 1)
+        png = mask_to_png(mask, s.palette, s.png_level)
         rows.append(s.row(i, mask, confidence))
         s.write_mask(i, png)
         if len(rows) == s.shard_size:

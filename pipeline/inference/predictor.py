@@ -102,12 +102,10 @@ class Predictor:
         if len(self.plan.views) > 1 or not any(whole):
             return list(self.probabilities(x))
         logits = self.logits(x)
+        if all(whole):
+            return _predictions(logits)
         pick = torch.tensor(whole, device=logits.device)
-        labels, top = top_class(logits[pick] if not all(whole) else logits)
-        masks = labels.to(torch.uint8).cpu().numpy()
-        confidences = (top.sum(dim=(1, 2), dtype=torch.float64) / top[0].numel()).tolist()
-        predictions = iter([Prediction(m, c) for m, c in zip(masks, confidences, strict=True)])
-        windows = iter(_softmax(logits[~pick]) if not all(whole) else ())
+        predictions, windows = iter(_predictions(logits[pick])), iter(_softmax(logits[~pick]))
         return [next(predictions) if w else next(windows) for w in whole]
 
     @torch.inference_mode()
@@ -252,6 +250,14 @@ def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
     top, labels = logits.max(dim=1)
     return labels, (logits - top.unsqueeze(1)).exp_().sum(dim=1).reciprocal_()
+
+
+def _predictions(logits: torch.Tensor) -> list[Prediction]:
+    """Whole images' masks and mean confidences from their [N, C, h, w] logits, one copy to the host."""
+    labels, top = top_class(logits)
+    masks = labels.to(torch.uint8).cpu().numpy()
+    confidences = (top.sum(dim=(1, 2), dtype=torch.float64) / top[0].numel()).tolist()
+    return [Prediction(m, c) for m, c in zip(masks, confidences, strict=True)]
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
