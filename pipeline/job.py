@@ -126,9 +126,11 @@ def plan_job(cfg: JobConfig) -> JobPlan:
 
 
 def _input(cfg: JobConfig) -> tuple[JobConfig, InputSource]:
-    """The input, with its layout detected once here and written into the config the actors receive."""
+    """The input, with its layout detected (and what the data decides) once here and written into the config
+    the actors receive."""
     source = InputSource(*cfg.resolve(cfg.input_uri), cfg.input)
-    cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"layout": source.layout})})
+    source.cfg = source.resolve()
+    cfg = cfg.model_copy(update={"input": source.cfg})
     if cfg.labels_uri and not get_layout(source.layout).label_files and get_label_format(cfg.labels.format).per_image:
         raise ConfigError(
             f"labels_uri: the {source.layout} layout carries its labels in the input itself "

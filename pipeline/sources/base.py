@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -18,9 +18,13 @@ if TYPE_CHECKING:
     from pipeline.config import InputConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
-    """A unit of work, retry and commit: its output files are named after ``shard_id``."""
+    """A unit of work, retry and commit: its output files are named after ``shard_id``.
+
+    The driver holds shards light (``plan_part`` set, no members): their members are in the run's plan file
+    (``pipeline.outputs.plan``), which the actor reads back, so the driver's memory grows per shard, not per image.
+    """
 
     shard_id: str
     items: tuple[str, ...] = ()  # files layout: image paths relative to the input root, posix style
@@ -29,6 +33,8 @@ class Shard:
     images: int | None = None  # how many images it holds, when the listing tells (not for tars)
     versions: tuple[str, ...] = ()  # the listed version of each input file: one per item, or member's
     increment: int = 1  # the increment of the output's result set it belongs to (a full run is one)
+    sizes: tuple[int | None, ...] = ()  # bytes of each input file as listed: one per item, or member's
+    plan_part: int | None = None  # light: the members are in plan/part-<plan_part>.parquet
 
     def sources(self) -> dict[str, str]:
         """Its input files (relative to the input root) with their listed versions; empty when not listed."""
@@ -89,8 +95,14 @@ class Layout(ABC):
     """True: an image_id is the image's path under the input root, so label files are found by it."""
 
     @abstractmethod
-    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
-        """List the input under ``root`` once and cut it into shards of about ``shard_size`` images."""
+    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> Iterable[Shard]:
+        """List the input under ``root`` once and cut it into shards of about ``shard_size`` images, in a
+        stable order. A generator is best: the plan file is written while the listing streams."""
+
+    def resolve(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> InputConfig:
+        """``cfg`` with what the data decides filled in, once on the driver before the run's id is derived
+        (as the layout itself is); by default nothing."""
+        return cfg
 
     @abstractmethod
     def read(

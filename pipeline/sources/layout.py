@@ -8,7 +8,7 @@ driver resolves the layout once and the actors receive it in the config, so they
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -77,7 +77,12 @@ class InputSource:
             self.fs = _ListedOnce(fs, root, found)  # planning lists the folder again: reuse this listing
         self._impl = get_layout(self.layout)
 
-    def plan(self, shard_size: int) -> list[Shard]:
+    def resolve(self) -> InputConfig:
+        """The input config with the layout and what the data decides (``Layout.resolve``) filled in."""
+        cfg = self.cfg.model_copy(update={"layout": self.layout})
+        return self._impl.resolve(self.fs, self.root, cfg)
+
+    def plan(self, shard_size: int) -> Iterable[Shard]:
         return self._impl.plan(self.fs, self.root, self.cfg, shard_size)
 
     def list_inputs(self) -> list[InputFile]:
