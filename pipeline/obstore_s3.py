@@ -3,8 +3,9 @@
 s3fs makes every request in Python (signing, building, parsing: 3.6-7 ms of CPU per request on this project's
 VM), on one event-loop thread per process, so an actor cannot fetch its images and write their masks much
 faster than ~125 images/s however many cores it has (BENCHMARKS.md, "Feeding a GPU"). obstore makes the same
-requests in Rust, outside the GIL, for ~0.3 ms of CPU. Only whole-object reads and writes take that path (the
-images, the masks, the stats parts, labels, the manifest); listing, ``info`` (the ETags of incremental runs),
+requests in Rust, outside the GIL, for ~0.3 ms of CPU. Whole-object reads and writes take that path (the
+images, the masks, the stats parts, labels, the manifest), and so do folder listings (``ls``: the input's
+listing, folder by folder, ~9x faster than s3fs's here); ``find``, ``info`` (the ETags of incremental runs),
 ranged reads of Parquet footers and deletes stay s3fs's.
 
 ``storage.client: obstore`` selects it. Credentials and endpoint: the job's ``storage`` settings, else the
@@ -56,6 +57,23 @@ class ObstoreS3FileSystem(S3FileSystem):
             obstore.put(self._store(bucket), key, value)
         self.invalidate_cache(path)  # as s3fs does after a write of its own
 
+    def ls(self, path: str, detail: bool = False, refresh: bool = False, **kwargs: Any) -> list:
+        """One folder's entries (a delimiter listing, every page), as s3fs gives them; never cached, so
+        ``refresh`` has nothing to do. A bucket list, or a listing of object versions, stays s3fs's."""
+        bucket, key, _ = self.split_path(path)
+        if not bucket or kwargs:
+            return super().ls(path, detail=detail, refresh=refresh, **kwargs)
+        import obstore
+
+        prefix = key.rstrip("/") + "/" if key else None
+        with _as_os_errors(path):
+            found = obstore.list_with_delimiter(self._store(bucket), prefix)
+        if not found["objects"] and not found["common_prefixes"] and key:
+            raise FileNotFoundError(path)  # as s3fs: a prefix with nothing under it is not a folder
+        files = [_file(bucket, o, marker=f"{o['path']}/" == prefix) for o in found["objects"]]
+        entries = [_folder(bucket, p) for p in found["common_prefixes"]] + files
+        return entries if detail else [e["name"] for e in entries]
+
     def _store(self, bucket: str) -> Any:
         with self._stores_lock:
             if bucket not in self._stores:
@@ -79,6 +97,24 @@ def _s3_store(bucket: str, fs: S3FileSystem) -> Any:
         config["region"] = fs.client_kwargs["region_name"]
     client = _CLIENT | ({"allow_http": True} if (fs.endpoint_url or "").startswith("http://") else {})
     return S3Store(bucket, config=config, client_options=client, retry_config=_RETRY)
+
+
+def _folder(bucket: str, prefix: str) -> dict:
+    return {"name": f"{bucket}/{prefix.rstrip('/')}", "size": 0, "type": "directory", "StorageClass": "DIRECTORY"}
+
+
+def _file(bucket: str, meta: dict, marker: bool) -> dict:
+    """An object as s3fs's ``ls`` describes it: name, size, type, ETag (quoted, as S3 sends it), LastModified.
+    ``marker``: the folder's own zero-byte marker, whose key ends in "/" (obstore's path drops it)."""
+    etag = meta.get("e_tag") or ""
+    return {
+        "name": f"{bucket}/{meta['path']}" + ("/" if marker else ""),
+        "size": meta["size"],
+        "type": "file",
+        "ETag": etag if etag.startswith('"') else f'"{etag}"',
+        "LastModified": meta["last_modified"],
+        "StorageClass": "STANDARD",
+    }
 
 
 @contextmanager

@@ -142,26 +142,3 @@ def test_remove_temporaries(tmp_path):
 def test_remove_temporaries_missing_root(tmp_path):
     fs, root = storage.resolve(str(tmp_path / "missing"))
     assert storage.remove_temporaries(fs, root) == 0
-
-
-def test_an_auto_detected_folder_is_listed_once_for_planning(tmp_path):
-    """Detecting the layout lists the folder; planning reuses that listing (100k objects take seconds on S3)."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    from pipeline.config import InputConfig
-    from pipeline.sources.layout import InputSource
-
-    class CountingFS(LocalFileSystem):
-        finds: list[str] = []
-
-        def find(self, path, *args, **kwargs):
-            self.finds.append(path)
-            return super().find(path, *args, **kwargs)
-
-    for i in range(5):
-        (tmp_path / f"img_{i}.png").write_bytes(b"x")
-    fs = CountingFS(skip_instance_cache=True)
-    source = InputSource(fs, str(tmp_path), InputConfig())
-    assert [len(s.items) for s in source.plan(2)] == [2, 2, 1]
-    assert fs.finds == [str(tmp_path)]
-    assert len(source.list_inputs()) == 5 and len(fs.finds) == 2  # a later listing is a fresh one

@@ -142,26 +142,6 @@ def shard_id_for(position: int, *members: object) -> str:
     return f"{position:05d}-{digest}"
 
 
-def list_files(
-    fs: fsspec.AbstractFileSystem, root: str, suffixes: tuple[str, ...], ignore_prefixes: tuple[str, ...] = (".",)
-) -> list[InputFile]:
-    """Every file under ``root`` ending with one of ``suffixes`` (any case), sorted by path, from one listing.
-
-    Files and folders whose name starts with one of ``ignore_prefixes`` are skipped. A ``root`` that is itself
-    such a file lists as its basename: read it back with ``file_path``.
-    """
-    if root.lower().endswith(suffixes) and fs.isfile(root):
-        info = fs.info(root)
-        return [InputFile(posixpath.basename(root), info["size"], content_version(info))]
-    prefix = root.rstrip("/") + "/"
-    found = []
-    for path, info in fs.find(root, detail=True).items():
-        rel = path[len(prefix) :]
-        if rel.lower().endswith(suffixes) and not any(part.startswith(ignore_prefixes) for part in rel.split("/")):
-            found.append(InputFile(rel, info["size"], content_version(info)))
-    return sorted(found, key=lambda f: f.path)
-
-
 def increment_shard_id(increment: int, *members: object) -> str:
     """``iNNNN-<digest>``: a shard of an incremental run, named by its increment and what it holds (file paths
     with their versions), not by its position: the same files give the same id when the increment is resumed,

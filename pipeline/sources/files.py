@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from itertools import islice
+from typing import TYPE_CHECKING, TypeVar
 
 import fsspec
 
@@ -18,28 +17,22 @@ from pipeline.sources.base import (
     Layout,
     Sample,
     Shard,
-    content_version,
     increment_shard_id,
     shard_id_for,
 )
+from pipeline.sources.listing import iter_files
 from pipeline.sources.prefetch import ordered_prefetch
 from pipeline.sources.registry import register_layout
 
 if TYPE_CHECKING:
     from pipeline.config import InputConfig
 
+T = TypeVar("T")
+
 
 def list_inputs(fs: fsspec.AbstractFileSystem, root: str) -> list[InputFile]:
     """Every image file under ``root`` with its version, sorted by path (hidden files and folders skipped)."""
-    prefix = root.rstrip("/") + "/"
-    found = []
-    for path, info in fs.find(root, detail=True).items():
-        rel = path[len(prefix) :] if path.startswith(prefix) else posixpath.basename(path)
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if rel.lower().endswith(IMAGE_EXTENSIONS):
-            found.append(InputFile(rel, info["size"], content_version(info)))
-    return sorted(found, key=lambda f: f.path)
+    return list(iter_files(fs, root, IMAGE_EXTENSIONS))
 
 
 def list_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -47,22 +40,30 @@ def list_images(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return [f.path for f in list_inputs(fs, root)]
 
 
-def plan(fs: fsspec.AbstractFileSystem, root: str, shard_size: int) -> list[Shard]:
-    files = list_inputs(fs, root)
-    version = {f.path: f.version for f in files}
-    return [replace(s, versions=tuple(version[p] for p in s.items)) for s in make_shards(list(version), shard_size)]
+def plan(fs: fsspec.AbstractFileSystem, root: str, shard_size: int) -> Iterator[Shard]:
+    """Shards of ``shard_size`` consecutive images, cut as the sorted listing streams in: the plan is written
+    while the input is still being listed, and the driver never holds the whole listing."""
+    for n, group in _numbered_groups(iter_files(fs, root, IMAGE_EXTENSIONS), shard_size):
+        yield _shard(n, tuple(f.path for f in group), tuple(f.version for f in group), tuple(f.size for f in group))
 
 
 def make_shards(rel_paths: list[str], shard_size: int) -> list[Shard]:
-    """Consecutive groups of ``shard_size`` sorted paths."""
+    """Consecutive groups of ``shard_size`` sorted paths: the shards ``plan`` cuts, without versions."""
+    return [_shard(n, group) for n, group in _numbered_groups(sorted(rel_paths), shard_size)]
+
+
+def _numbered_groups(items: Iterable[T], shard_size: int) -> Iterator[tuple[int, tuple[T, ...]]]:
+    """``(n, group)``: consecutive groups of ``shard_size`` items as they stream by, numbered from 0."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
-    paths = sorted(rel_paths)
-    shards = []
-    for n, start in enumerate(range(0, len(paths), shard_size)):
-        items = tuple(paths[start : start + shard_size])
-        shards.append(Shard(shard_id_for(n, *items), items=items, images=len(items)))
-    return shards
+    it = iter(items)
+    return enumerate(iter(lambda: tuple(islice(it, shard_size)), ()))
+
+
+def _shard(n: int, items: tuple[str, ...], versions: tuple[str, ...] = (), sizes: tuple[int | None, ...] = ()) -> Shard:
+    """The ``n``-th shard of a full plan: named by its position and its paths, so the same listing gives the
+    same ids whatever versions and sizes it lists."""
+    return Shard(shard_id_for(n, *items), items=items, images=len(items), versions=versions, sizes=sizes)
 
 
 def plan_increment(files: list[InputFile], shard_size: int, increment: int) -> list[Shard]:
@@ -120,7 +121,7 @@ class FilesLayout(Layout):
     priority = 10
     label_files = True
 
-    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> list[Shard]:
+    def plan(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig, shard_size: int) -> Iterator[Shard]:
         return plan(fs, root, shard_size)
 
     def list_inputs(self, fs: fsspec.AbstractFileSystem, root: str, cfg: InputConfig) -> list[InputFile]:

@@ -23,9 +23,9 @@ from pipeline.sources.base import (
     Shard,
     file_path,
     increment_shard_id,
-    list_files,
     shard_id_for,
 )
+from pipeline.sources.listing import list_files
 from pipeline.sources.registry import register_layout
 from pipeline.storage import to_uri
 
@@ -90,6 +90,7 @@ def shards_of(
                     images=rows,
                     versions=(f.version,),
                     increment=increment or 1,
+                    sizes=(f.size,),
                 )
             )
     return shards

@@ -28,9 +28,9 @@ from pipeline.sources.base import (
     Shard,
     file_path,
     increment_shard_id,
-    list_files,
     shard_id_for,
 )
+from pipeline.sources.listing import list_files
 from pipeline.sources.registry import register_layout
 from pipeline.storage import to_uri
 
@@ -48,7 +48,10 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_
 def plan(fs: fsspec.AbstractFileSystem, root: str) -> list[Shard]:
     """One shard per tar under ``root`` (or ``root`` itself, a tar); the size in the id tells a rewritten tar."""
     tars = list_files(fs, root, TAR_SUFFIXES)
-    return [Shard(shard_id_for(n, f.path, f.size), member=f.path, versions=(f.version,)) for n, f in enumerate(tars)]
+    return [
+        Shard(shard_id_for(n, f.path, f.size), member=f.path, versions=(f.version,), sizes=(f.size,))
+        for n, f in enumerate(tars)
+    ]
 
 
 def read(fs: fsspec.AbstractFileSystem, root: str, shard: Shard, label_suffix: str = "seg.png") -> Iterator[Sample]:
@@ -195,7 +198,7 @@ class WebDatasetLayout(Layout):
         shards = []
         for f in files:  # one per tar, named by the tar and its version
             shard_id = increment_shard_id(increment, f.path, f.version)
-            shards.append(Shard(shard_id, member=f.path, versions=(f.version,), increment=increment))
+            shards.append(Shard(shard_id, member=f.path, versions=(f.version,), increment=increment, sizes=(f.size,)))
         return shards
 
     def read(
