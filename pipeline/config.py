@@ -180,19 +180,26 @@ class StorageConfig(BaseModel):
 
 
 class InputConfig(BaseModel):
-    """How the input is laid out. ``auto`` decides from the URI (a .tar or .parquet file) or the listing."""
+    """How the input is laid out. ``auto`` decides from the URI (a .tar, .parquet or .csv file, an S3 Inventory
+    manifest.json) or the listing."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     layout: LayoutName = Field(
         "auto",
         description="a registered layout (files: loose images; webdataset: tar shards; parquet: an image-bytes "
-        "column), or auto: detected from the URI or its listing",
+        "column; manifest: a Parquet/CSV list of image URIs or an S3 Inventory), or auto: detected from the URI "
+        "or its listing (a Parquet manifest needs layout: manifest)",
     )
     image_column: str = Field("image", description="parquet: column of encoded image bytes (or {bytes, path})")
     label_column: str | None = Field(None, description="parquet: column of encoded label bytes")
     id_column: str | None = Field(None, description="parquet: column naming each image; default <file>/<row>")
     label_suffix: str = Field("seg.png", description="webdataset: extension of the label member, <key>.seg.png")
+    base_uri: Uri | None = Field(
+        None,
+        description="manifest: the folder image ids are relative to (an id names masks/<id>.png and its label); "
+        "default: the longest common folder of the manifest's URIs",
+    )
 
 
 class LabelsConfig(BaseModel):

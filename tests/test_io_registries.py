@@ -24,7 +24,7 @@ from pipeline.sources.files import FilesLayout
 from pipeline.sources.layout import InputSource, detect_layout
 
 LOCAL = fsspec.filesystem("file")
-BUILT_IN_LAYOUTS = ["files", "parquet", "webdataset"]
+BUILT_IN_LAYOUTS = ["files", "manifest", "parquet", "webdataset"]
 BUILT_IN_FORMATS = ["binary", "cityscapes", "coco", "index_png", "labelme"]
 
 
@@ -33,7 +33,7 @@ class TextNamedLayout(Layout):
 
     listing_suffixes = (".txt",)
     listing_kind = "text-named images"
-    priority = 40  # after every built-in layout
+    priority = 50  # after every built-in layout
     label_files = True
 
     def plan(self, fs, root, cfg, shard_size):
@@ -137,7 +137,9 @@ def test_duplicate_names_refused_and_originals_kept():
 
 
 def test_unknown_names_list_the_registered_ones():
-    with pytest.raises(ValueError, match=r"^unknown input layout 'tiff'; registered layouts: files, parquet, webd"):
+    with pytest.raises(
+        ValueError, match=r"^unknown input layout 'tiff'; registered layouts: files, manifest, parquet, "
+    ):
         get_layout("tiff")
     with pytest.raises(ValueError, match=r"^unknown label format 'voc'; registered formats: binary, cityscapes, "):
         get_label_format("voc")
@@ -148,7 +150,7 @@ def test_only_coco_names_one_dataset_file():
 
 
 def test_only_loose_files_find_labels_by_path_and_tars_name_images_by_member():
-    assert [name for name in list_layouts() if get_layout(name).label_files] == ["files"]
+    assert [name for name in list_layouts() if get_layout(name).label_files] == ["files", "manifest"]
     assert get_layout("webdataset").sample_name("train-000/a/b.jpg") == "b.jpg"
     assert get_layout("files").sample_name("a/b.jpg") == "a/b.jpg"
 
@@ -168,7 +170,7 @@ def test_an_unknown_label_format_is_a_config_error_naming_the_field():
 def test_an_unknown_layout_is_a_config_error_naming_the_field_and_auto():
     with pytest.raises(ConfigError) as e:
         job_config(input={"layout": "tars"})
-    known = "files, parquet, webdataset"
+    known = "files, manifest, parquet, webdataset"
     assert f"input.layout: unknown input layout 'tars'; registered layouts: {known}; or auto, to detect it" in str(
         e.value
     )
@@ -232,17 +234,25 @@ def test_detection_errors_name_what_was_looked_for(tmp_path):
     touch(tmp_path, "a.png")
     with pytest.raises(InputError) as e:
         detect_layout(LOCAL, str(png))
-    assert str(e.value) == f"input {png} is a file, but neither a tar shard (.tar.gz, .tgz, .tar) nor Parquet"
+    assert str(e.value) == (
+        f"input {png} is a file, but neither a tar shard (.tar.gz, .tgz, .tar), Parquet nor a manifest "
+        "(.csv, .csv.gz, manifest.json)"
+    )
     empty = touch(tmp_path / "empty", "notes.txt")
     with pytest.raises(InputError) as e:
         detect_layout(LOCAL, empty)
-    assert str(e.value) == f"input {empty} holds no images ({', '.join(IMAGE_EXTENSIONS)}), tar shards or Parquet files"
+    assert str(e.value) == (
+        f"input {empty} holds no images ({', '.join(IMAGE_EXTENSIONS)}), tar shards, Parquet files or manifests "
+        "(.csv, .csv.gz, manifest.json)"
+    )
 
 
 def test_a_registered_layout_joins_detection_and_its_messages(toys, tmp_path):
     assert detect_layout(LOCAL, touch(tmp_path / "text", "notes.txt")) == "text"
     assert detect_layout(LOCAL, touch(tmp_path / "both", "notes.txt", "s/b.tar")) == "webdataset"
-    with pytest.raises(InputError, match="holds no images .*, tar shards, Parquet files or text-named images$"):
+    with pytest.raises(
+        InputError, match="holds no images .*, tar shards, Parquet files, manifests .* or text-named images$"
+    ):
         detect_layout(LOCAL, touch(tmp_path / "none", "notes.md"))
 
 

@@ -127,7 +127,7 @@ def test_labels_with_more_classes_than_the_model_stop_before_any_work(tmp_path, 
 
 def test_an_input_with_nothing_to_segment_names_what_was_looked_for(tmp_path, checkpoint):
     lay_out(tmp_path, {"in/readme.txt": b"hello"})
-    with pytest.raises(InputError, match="holds no images .* tar shards or Parquet files"):
+    with pytest.raises(InputError, match="holds no images .* tar shards, Parquet files or manifests"):
         plan_job(config(tmp_path, checkpoint, {"input_uri": "in"}))
 
 

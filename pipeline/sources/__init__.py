@@ -7,11 +7,13 @@ Each layout is one module that registers a ``Layout`` (see ``base``) under its n
   on an actor, holding no more than a bounded window of encoded images in memory.
 
 ``files`` is loose image files under a prefix, ``webdataset`` is tar shards (one tar = one shard),
-``parquet`` is files with an image-bytes column (one file or a row-group range = one shard).
+``parquet`` is files with an image-bytes column (one file or a row-group range = one shard), ``manifest`` is a
+list of image URIs (Parquet, CSV or an S3 Inventory; consecutive rows = one shard).
 Importing this package registers them.
 """
 
 from pipeline.sources import files as _files  # noqa: F401  (each module registers its layout)
+from pipeline.sources import manifest as _manifest  # noqa: F401
 from pipeline.sources import parquet as _parquet  # noqa: F401
 from pipeline.sources import webdataset as _webdataset  # noqa: F401
 from pipeline.sources.base import (
@@ -22,9 +24,9 @@ from pipeline.sources.base import (
     content_version,
     file_path,
     increment_shard_id,
-    list_files,
     shard_id_for,
 )
+from pipeline.sources.listing import list_files
 from pipeline.sources.registry import get_layout, list_layouts, register_layout
 
 __all__ = [
