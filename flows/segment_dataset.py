@@ -16,6 +16,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from tqdm import tqdm
 
 from flows.common import (
@@ -32,6 +33,7 @@ from flows.parameters import config_parameters
 from pipeline.config import JobConfig
 from pipeline.errors import SegpipeError
 from pipeline.execution import run_shards
+from pipeline.execution.progress import Progress
 from pipeline.job import JobPlan, finalize_job, plan_job
 from pipeline.outputs import Manifest
 from pipeline.report import format_summary, metrics_table, summary_markdown
@@ -47,7 +49,7 @@ def plan_task(cfg: JobConfig) -> JobPlan:
 def infer_task(plan: JobPlan) -> tuple[list, float]:
     logger = get_run_logger()
     pending = plan.pending
-    progress = create_progress_artifact(
+    progress_id = create_progress_artifact(
         100.0 if not pending else 0.0, key=PROGRESS_KEY, description=f"shards committed of {len(pending)} to run"
     )
     if not plan.shards:
@@ -60,21 +62,16 @@ def infer_task(plan: JobPlan) -> tuple[list, float]:
     total = None if None in counts else sum(counts)  # a tar's image count is known only once read
     # The bar shows on a terminal only (disable=None); the log lines reach Prefect everywhere.
     bar = tqdm(total=total, unit="img", desc="segmenting", disable=None)
-    done = []
+    # One artifact update and one log line a second at most, whatever the shard count: Prefect API calls
+    # stay bounded by the run's duration, not its size.
+    progress = Progress(len(pending), time.monotonic())
 
     def on_done(summary) -> None:
-        done.append(summary)
         bar.update(summary.images)
-        update_progress_artifact(progress, 100.0 * len(done) / len(pending))
-        logger.info(
-            "shard %s done: %d images, %d errors, %.1fs (%d/%d shards)",
-            summary.shard_id,
-            summary.images,
-            summary.errors,
-            summary.seconds,
-            len(done),
-            len(pending),
-        )
+        line = progress.add(summary, time.monotonic())
+        if line is not None:
+            update_progress_artifact(progress_id, progress.percent)
+            logger.info(line)
 
     start = time.perf_counter()
     try:
@@ -160,13 +157,14 @@ def segment_dataset(config_path: str | None = None, run_date: str | None = None,
     """
     when = parse_run_date(run_date) if run_date else _scheduled_date()
     plan = plan_task(job_config(config_path, fields, when))
-    summaries, infer_seconds = infer_task(plan)
-    result = reduce_task(plan, summaries, infer_seconds)
+    # quote(): Prefect would otherwise walk every shard of the plan looking for futures to wait on.
+    summaries, infer_seconds = infer_task(quote(plan))
+    result = reduce_task(quote(plan), quote(summaries), infer_seconds)
     manifest, metrics = Manifest.from_json(result["manifest"]), result["metrics"]
     previous = job_config(config_path, fields, when - timedelta(days=1)).output_uri
     # A dated output is compared with the previous date's; the comparison ends the report.
     drift_section = drift_task(plan.cfg, previous) if previous != plan.cfg.output_uri else None
-    report_uri = report_task(plan, drift_section)
+    report_uri = report_task(quote(plan), drift_section)
     create_table_artifact(metrics_table(metrics), key=METRICS_KEY, description="dataset and per-class metrics")
     summary = summary_markdown(manifest, metrics, report_uri, _heatmap(plan, manifest, metrics))
     create_markdown_artifact(summary, key=SUMMARY_KEY, description="where, how many")

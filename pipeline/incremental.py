@@ -42,7 +42,8 @@ from pipeline.outputs import (
     stats_path,
     write_table,
 )
-from pipeline.sources import InputFile, Shard
+from pipeline.outputs.totals import Totals
+from pipeline.sources import InputFile
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +135,14 @@ def plan_changes(
     )
 
 
-def whole_input(shards: list[Shard]) -> IncrementPlan:
-    """A full run: one increment, every input file new."""
-    files = {s.member for s in shards if s.member is not None} | {p for s in shards for p in s.items}
-    return IncrementPlan(number=1, new_files=len(files))
-
-
 def rewritten_id(number: int, key: str) -> str:
     """The id of the part that replaces part ``key`` in increment ``number``."""
     return f"r{number:04d}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def replace_parts(fs: fsspec.AbstractFileSystem, root: str, plan: IncrementPlan) -> tuple[dict[str, int], set[str]]:
+def replace_parts(
+    fs: fsspec.AbstractFileSystem, root: str, plan: IncrementPlan, num_classes: int
+) -> tuple[dict[str, int], set[str]]:
     """Write each replaced part again without the leaving rows, under a new id (none when no row stays).
 
     A part holds the rows of one input file (a tar, a Parquet file) or one row per file, whose image id is the
@@ -156,7 +153,8 @@ def replace_parts(fs: fsspec.AbstractFileSystem, root: str, plan: IncrementPlan)
 
     def rewrite(key: str) -> tuple[str, int, list[str]]:
         table = pq.read_table(pa.BufferReader(fs.cat_file(stats_path(root, key))))
-        sources = part_sources(table.schema.metadata) or {}
+        meta = table.schema.metadata
+        sources = part_sources(meta) or {}
         stays = {path: version for path, version in sources.items() if path not in plan.leaving}
         gone = pc.is_in(table["image_id"], value_set=leaving) if stays else pa.array([True] * table.num_rows)
         kept = table.filter(pc.invert(gone))
@@ -165,7 +163,9 @@ def replace_parts(fs: fsspec.AbstractFileSystem, root: str, plan: IncrementPlan)
             write_table(
                 fs,
                 stats_path(root, new_key),
-                kept.replace_schema_metadata(stats_metadata(part_run_id(table.schema.metadata) or "", stays)),
+                kept.replace_schema_metadata(
+                    stats_metadata(part_run_id(meta) or "", stays, Totals.of_table(kept, num_classes).to_metadata())
+                ),
             )
         return new_key, kept.num_rows, table.filter(gone)["image_id"].to_pylist()
 

@@ -11,14 +11,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, InputError, SegpipeError
+from pipeline.execution.reduce import committed_totals
 from pipeline.incremental import (
     IncrementPlan,
     find_changes,
@@ -26,7 +24,6 @@ from pipeline.incremental import (
     read_committed,
     remove_replaced,
     replace_parts,
-    whole_input,
 )
 from pipeline.inference.plan import plan_inference
 from pipeline.labels import get_label_format
@@ -46,15 +43,15 @@ from pipeline.outputs import (
     committed_run_id,
     read_manifest,
     read_tables,
-    reduce_confusion,
-    reduce_parts,
     shard_entries,
     stats_path,
     write_confusion,
     write_json,
 )
 from pipeline.outputs.manifest import SKIPPED, now
+from pipeline.outputs.plan import PlanInfo, read_plan, write_plan
 from pipeline.outputs.tables import REDUCE_COLUMNS
+from pipeline.outputs.totals import Totals
 from pipeline.preflight import preflight
 from pipeline.shard import ShardSummary
 from pipeline.sources import Shard, get_layout
@@ -81,6 +78,7 @@ class JobPlan:
     started_at: str = ""
     plan_seconds: float = 0.0
     increment: IncrementPlan = field(default_factory=lambda: IncrementPlan(number=1))
+    info: PlanInfo | None = None  # the plan file's counts
 
     @property
     def pending(self) -> list[Shard]:
@@ -98,9 +96,11 @@ def _identity(config: dict | JobConfig) -> dict:
     return {k: v for k, v in doc.items() if k in _RESULT_FIELDS}
 
 
-def plan_job(cfg: JobConfig) -> JobPlan:
+def plan_job(cfg: JobConfig, dry_run: bool = False) -> JobPlan:
     """Preflight, then list the input and plan this run's shards: all of them, or in incremental mode those of
     the files new or changed since the output's last run; find the shards an interrupted attempt committed.
+    The shards stream into the plan file (``outputs.plan``) as the listing goes; a full run of the same job
+    reuses a committed one. ``dry_run``: write and remove nothing, only count.
 
     Raises a SegpipeError naming the path at fault before anything is written.
     """
@@ -114,15 +114,19 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     out_fs.invalidate_cache()  # object-store listings are cached per process; another may have written
     manifest = read_manifest(out_fs, out_root)
     _same_job_or_none(manifest, cfg, sha, run_id)
-    plan_shards = _plan_increment if cfg.mode == "incremental" else _plan_full
-    shards, increment = plan_shards(cfg, source, manifest, out_fs, out_root)
-    committed = _committed_shards(out_fs, out_root, shards, increment, run_id, cfg)
-    removed = storage.remove_temporaries(out_fs, out_root)
+    if cfg.mode == "incremental":
+        listed, increment = _plan_increment(cfg, source, manifest, out_fs, out_root)
+        shards, info = write_plan(out_fs, out_root, listed, run_id, increment.number, save=not dry_run)
+    else:
+        shards, info = _plan_full(cfg, source, manifest, out_fs, out_root, run_id, dry_run)
+        increment = IncrementPlan(number=1, new_files=info.files)
+    committed = _committed_shards(out_fs, out_root, shards, increment, run_id, cfg, dry_run)
+    removed = 0 if dry_run else storage.remove_temporaries(out_fs, out_root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     log.info("planned %d %s shards (%d already committed), run %s", len(shards), source.layout, len(committed), run_id)
     plan_seconds = checked.seconds + time.perf_counter() - start
-    return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, plan_seconds, increment)
+    return JobPlan(cfg, run_id, meta, sha, shards, committed, started_at, plan_seconds, increment, info)
 
 
 def _input(cfg: JobConfig) -> tuple[JobConfig, InputSource]:
@@ -152,16 +156,22 @@ def _same_job_or_none(manifest: Manifest | None, cfg: JobConfig, sha: str, run_i
     )
 
 
-def _plan_full(cfg: JobConfig, source: InputSource, manifest: Manifest | None, *_) -> tuple[list[Shard], IncrementPlan]:
+def _plan_full(
+    cfg: JobConfig, source: InputSource, manifest: Manifest | None, fs, root: str, run_id: str, dry_run: bool
+) -> tuple[list[Shard], PlanInfo]:
+    """Every shard of the input, streamed into the plan file; or the plan an earlier attempt of this job saved."""
     if manifest is not None and manifest.incremental:
         raise InputError(
             f"output {cfg.output_uri} holds an incremental result set ({len(manifest.increments)} increments): "
             "run with mode: incremental to bring it up to date, or choose a new output"
         )
-    shards = source.plan(cfg.shard_size)
+    reused = read_plan(fs, root, run_id, increment=1)
+    if reused is not None:
+        log.info("reusing this job's plan in the output (%d shards): the input is not listed again", len(reused[0]))
+    shards, info = reused or write_plan(fs, root, source.plan(cfg.shard_size), run_id, 1, save=not dry_run)
     if not shards:
         raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
-    return shards, whole_input(shards)
+    return shards, info
 
 
 def _plan_increment(
@@ -188,9 +198,12 @@ def _plan_increment(
     return shards, increment
 
 
-def _committed_shards(fs, root: str, shards: list[Shard], increment: IncrementPlan, run_id: str, cfg: JobConfig):
+def _committed_shards(
+    fs, root: str, shards: list[Shard], increment: IncrementPlan, run_id: str, cfg: JobConfig, dry_run: bool
+) -> set[str]:
     """Shards whose stats part this same job wrote. Other parts no manifest names are left by an interrupted
-    increment of this job, and removed; in a full run, or when another job wrote them, they stop the run."""
+    increment of this job, and removed (not in a dry run); in a full run, or when another job wrote them, they
+    stop the run."""
     found = committed_parts(fs, root)
     planned = {s.shard_id for s in shards}
     stray = sorted(set(found) - planned - set(increment.kept) - set(increment.replaced))
@@ -202,7 +215,7 @@ def _committed_shards(fs, root: str, shards: list[Shard], increment: IncrementPl
             f"(e.g. part-{foreign[0]}.parquet); choose an empty output or delete it, or run with mode: "
             "incremental to segment only what changed in the input"
         )
-    if ours:
+    if ours and not dry_run:
         storage.remove_files(fs, [found[key] for key in ours])
         log.info("removed %d stats parts of an interrupted increment that no manifest names", len(ours))
     done = set()
@@ -227,27 +240,25 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
     cfg, meta, inc = plan.cfg, plan.meta, plan.increment
     fs, root = cfg.resolve(cfg.output_uri)
     fs.invalidate_cache()  # the actors wrote the parts from other processes
-    parts = committed_parts(fs, root)
-    missing = [s.shard_id for s in plan.shards if s.shard_id not in parts]
+    ran = {s.shard_id for s in summaries}
+    missing = [s.shard_id for s in plan.shards if s.shard_id not in ran and s.shard_id not in plan.committed]
     if missing:
         raise SegpipeError(f"cannot finalize: {len(missing)} shards are not committed, e.g. {missing[0]}")
-    rewritten, left = replace_parts(fs, root, inc) if inc.replaced else ({}, set())
+    rewritten, left = replace_parts(fs, root, inc, meta.num_classes) if inc.replaced else ({}, set())
     earlier = {**inc.kept, **rewritten}
-    mat, counts = reduce_parts(fs, [stats_path(root, key) for key in earlier], meta.num_classes)
-    masked: set[str] = set()  # ids of the images this increment wrote a mask for, gathered in the same read
-    new_tables = read_tables(fs, [stats_path(root, s.shard_id) for s in plan.shards], _READ_NEW)
-    new_mat, new_counts = reduce_confusion(_masked_ids(new_tables, masked), meta.num_classes)
-    mat, counts = mat + new_mat, counts + new_counts
+    new = _new_totals(root, plan, summaries)
+    totals = new + committed_totals(cfg, [stats_path(root, key) for key in earlier], meta.num_classes)
+    counts, new_counts = totals.counts, new.counts
     names = list(meta.class_names)
     metrics_doc = {
         "run_id": plan.run_id,
         "images": counts.images,
         "labeled_images": counts.labeled,
         "errors": counts.errors,
-        **metrics_report(mat, names),
+        **metrics_report(totals.confusion, names),
     }
     write_json(fs, storage.join(root, METRICS), metrics_doc)
-    write_confusion(fs, storage.join(root, CONFUSION), mat, names)
+    write_confusion(fs, storage.join(root, CONFUSION), totals.confusion, names)
     processed = sum(s.images for s in summaries)
     timings = Timings(
         plan_seconds=round(plan.plan_seconds, 3),
@@ -284,16 +295,33 @@ def finalize_job(plan: JobPlan, summaries: list[ShardSummary], infer_seconds: fl
         model_source=model_source(cfg),
         increments=[*inc.earlier, increment],
     )
-    write_json(fs, storage.join(root, MANIFEST), manifest.to_json())
+    manifest_doc = manifest.to_json()
+    write_json(fs, storage.join(root, MANIFEST), manifest_doc)
     log.info("run %s committed: %s", plan.run_id, storage.to_uri(fs, storage.join(root, MANIFEST)))
-    if inc.replaced:
-        remove_replaced(fs, root, inc.replaced, left - masked)  # a changed image keeps its mask file's name
-    return {"manifest": manifest.to_json(), "metrics": metrics_doc}
+    if inc.replaced:  # a changed image keeps its mask file's name: only the others' masks go
+        remove_replaced(fs, root, inc.replaced, left - _masked_ids(fs, root, plan.shards))
+    return {"manifest": manifest_doc, "metrics": metrics_doc}
 
 
-def _masked_ids(tables: Iterator[pa.Table], masked: set[str]) -> Iterator[pa.Table]:
-    """``tables`` passed through, adding to ``masked`` the ids of their rows that have a mask."""
-    for table in tables:
+def _new_totals(root: str, plan: JobPlan, summaries: list[ShardSummary]) -> Totals:
+    """This plan's parts summed: the totals the summaries brought (``ShardResults`` folds them as they come),
+    and the footers of the parts committed by an earlier attempt, or whose summary brought none."""
+    folded = getattr(summaries, "totals", None)
+    total = Totals(plan.meta.num_classes)
+    if folded is not None:
+        total += folded
+    for s in summaries:
+        if s.totals is not None:
+            total += s.totals
+    ran = {s.shard_id for s in summaries if s.totals is not None or folded is not None}
+    unread = [s.shard_id for s in plan.shards if s.shard_id not in ran]
+    return total + committed_totals(plan.cfg, [stats_path(root, key) for key in unread], plan.meta.num_classes)
+
+
+def _masked_ids(fs, root: str, shards: list[Shard]) -> set[str]:
+    """The ids of the images ``shards``' parts wrote a mask for."""
+    masked = set()
+    for table in read_tables(fs, [stats_path(root, s.shard_id) for s in shards], ["image_id", "mask_uri"]):
         ids, masks = table["image_id"].to_pylist(), table["mask_uri"].to_pylist()
         masked.update(image_id for image_id, mask in zip(ids, masks, strict=True) if mask)
-        yield table
+    return masked

@@ -36,8 +36,10 @@ from pipeline.inference.predictor import Failure, Prediction, Predictor
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.models.loading import load_model
-from pipeline.outputs import ErrorKind, ImageRow, mask_path, overlay_path, stats_path, unsafe_image_id, write_stats
+from pipeline.outputs import ErrorKind, ImageRow, mask_path, overlay_path, stats_path, unsafe_image_id
+from pipeline.outputs.plan import PlanReader
 from pipeline.outputs.progress import clear_segmenting, mark_segmenting
+from pipeline.outputs.totals import Totals, write_stats
 from pipeline.palette import mask_to_png
 from pipeline.report.overlays import overlay_jpeg
 from pipeline.sources import Sample, Shard
@@ -51,7 +53,7 @@ PROCESS_DIED = "the model process died while segmenting this image"
 LARGE_IMAGE_BYTES = 48 << 20  # a decoded image this large (16 Mpx) gives its decode buffers back at once
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardSummary:
     shard_id: str
     images: int
@@ -59,6 +61,23 @@ class ShardSummary:
     labeled: int
     seconds: float
     node: str = "local"  # the Ray node id it ran on; "local" outside Ray
+    totals: Totals | None = None  # its rows summed (None once the driver has folded them into the run's)
+
+
+class ShardResults(list):
+    """Shard summaries in completion order as the driver keeps them: each without its totals, which are summed
+    into ``totals`` as it arrives (a few KB a shard would be gigabytes over a million shards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.totals: Totals | None = None
+
+    def add(self, summary: ShardSummary) -> None:
+        if summary.totals is not None:
+            if self.totals is None:
+                self.totals = Totals(summary.totals.num_classes)
+            self.totals += summary.totals
+        self.append(replace(summary, totals=None))
 
 
 @dataclass
@@ -102,6 +121,7 @@ class ShardProcessor:
             cfg.labels, cfg.resolve(cfg.labels_uri) if cfg.labels_uri else None, self.source.layout
         )
         self.out_fs, self.out_root = cfg.resolve(cfg.output_uri)
+        self.plan_file = PlanReader(self.out_fs, self.out_root)
         self.pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="segpipe-io")
         self.max_pixels = cfg.max_image_pixels or default_max_image_pixels()
         # Enough images per chunk to fill a few batches and keep every IO thread busy, but no more decoded
@@ -113,6 +133,7 @@ class ShardProcessor:
         """Segment ``shard`` and commit it. ``careful``: image by image, noting each image before it is touched
         (the rerun of a shard whose process died); ``killers``: images that killed it, now error rows."""
         start = time.perf_counter()
+        shard = self.plan_file.full(shard)
         rows: list[ImageRow] = []
         samples = _checked_ids(background(self.source.read(shard, self.pool), maxsize=self.chunk))
         if careful:
@@ -121,7 +142,8 @@ class ShardProcessor:
         else:
             for chunk in _chunks(samples, self.chunk, self.chunk_pixels):
                 rows.extend(self._process(shard, chunk))
-        write_stats(self.out_fs, stats_path(self.out_root, shard.shard_id), rows, self.run_id, shard.sources())
+        part = stats_path(self.out_root, shard.shard_id)
+        totals = write_stats(self.out_fs, part, rows, self.run_id, shard.sources(), self.meta.num_classes)
         return ShardSummary(
             shard_id=shard.shard_id,
             images=len(rows),
@@ -129,7 +151,21 @@ class ShardProcessor:
             labeled=sum(r.labeled for r in rows),
             seconds=time.perf_counter() - start,
             node=self.node,
+            totals=totals,
         )
+
+    def model_rate(self, samples: Iterable[Sample], seconds: float) -> float:
+        """Images per second of the model on ``samples``, decoded once and predicted again and again for about
+        ``seconds`` after one warm-up pass; nothing written (what ``segpipe plan --estimate`` times)."""
+        images = [p.image for p in map(self._prepare, samples) if p.image is not None]
+        if not images:
+            return 0.0
+        self.predictor.predict(images)
+        done, start = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - start < seconds:
+            self.predictor.predict(images)
+            done += len(images)
+        return done / (time.perf_counter() - start)
 
     def _carefully(self, shard: Shard, sample: Sample, killers: frozenset[str]) -> ImageRow:
         if sample.image_id in killers:

@@ -113,7 +113,7 @@ def test_overheads_count_every_object_and_part(tmp_path):
     assert [p["n"] for p in report["planning"]["objects"]] == [40, 80]
     assert [p["shards"] for p in report["planning"]["objects"]] == [1, 1]  # 256 images a shard
     assert [p["images"] for p in report["reduce"]["stats_parts"]] == [80, 160]
-    for kind in ("planning", "reduce"):
+    for kind in ("planning", "reduce", "reduce_footers"):
         assert report[kind]["seconds_per_10k"] > 0 and report[kind]["max_relative_departure"] >= 0
 
 
@@ -147,3 +147,14 @@ def test_large_workload_reports_throughput_and_memory_per_size(tmp_path):
     assert r["job"]["vm_hwm_mb"]["median"] > r["decode"]["vm_hwm_mb"]["median"]  # the model, the windows
     assert r["job"]["peak_rss_mb"]["ratio_to_first"] == 1.0
     assert "slide / forward" in format_table(report)
+
+
+def test_scale_plans_a_manifest_and_reduces_every_summary(tmp_path):
+    from pipeline.bench.scale import measure
+
+    report = measure(tmp_path, rows=3000, shards=700, rounds=1)
+    [plan] = report["plan"]["rounds"]
+    assert (plan["images"], plan["shards"], plan["plan_parts"]) == (3000, 47, 1)  # 64 images a shard
+    assert plan["peak_rss_mb"] >= plan["rss_before_plan_mb"] > 0 and plan["seconds"] > 0
+    [reduce] = report["reduce"]["rounds"]
+    assert reduce["fold_seconds"] >= 0 and reduce["finalize_seconds"] > 0 and reduce["manifest_mb"] >= 0

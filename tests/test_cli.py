@@ -169,3 +169,31 @@ def test_training_without_labeled_images_is_one_line(dataset, tmp_path):
     r = segpipe("train", "--data", str(tmp_path), "--val", str(dataset), "--out", str(tmp_path / "m.pt"))
     assert r.returncode == 2
     assert "segpipe: error: input " in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_is_a_dry_run_that_counts_and_saves_only_when_asked(base_args, dataset, tmp_path):
+    args = ["plan", *base_args[1:], "--shard-size", "5"]
+    dry = segpipe(*args, "--json", str(tmp_path / "dry.json"))
+    assert dry.returncode == 0, dry.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+    figures = json.loads((tmp_path / "dry.json").read_text())
+    images = sorted((dataset / "images").rglob("*.*"))
+    assert figures["images"] == figures["files"] == len(images) == 24
+    assert figures["bytes"] == sum(p.stat().st_size for p in images)
+    assert (figures["shards"], figures["shards_committed"], figures["shards_to_run"]) == (5, 0, 5)
+    assert figures["plan_uri"] is None and "not written (--save writes it" in dry.stdout
+    assert "images     24 in 24 files" in dry.stdout
+
+    saved = segpipe(*args, "--save", "--estimate", "0.2", "--json", str(tmp_path / "saved.json"))
+    assert saved.returncode == 0, saved.stderr
+    done = json.loads((tmp_path / "saved.json").read_text())
+    assert json.loads((tmp_path / "out" / "plan" / "plan.json").read_text())["shards"] == 5
+    assert done["run_id"] == figures["run_id"] and done["plan_uri"].endswith("/out/plan")
+    assert done["images_per_second_per_actor"] > 0 and done["estimated_seconds"] > 0
+    assert "estimate   " in saved.stdout
+    assert not (tmp_path / "out" / "stats").exists() and not (tmp_path / "out" / "masks").exists()
+
+
+def test_plan_refuses_a_bad_config_like_run(base_args, tmp_path):
+    r = segpipe("plan", *base_args[1:], "--shard-size", "0")
+    assert r.returncode == 2 and "shard_size: Input should be greater than or equal to 1" in r.stderr

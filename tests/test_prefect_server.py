@@ -435,3 +435,64 @@ def test_prefect_deploy_to_a_process_work_pool_runs_on_a_worker(prefect_api, cli
     manifest = check_run_output(tmp_path / "out")
     assert manifest["model"]["checkpoint_uri"] == str(REPO / "pipeline/models/weights/unet_tiny_shapes.pt")
     assert manifest["counts"]["shards"] == 2
+
+
+# Counts the HTTP requests a flow run's process makes to the API (httpx logs each one at INFO), then runs the flow.
+COUNTED_RUN = """
+import json, logging, sys
+calls = []
+class Count(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("HTTP Request:"):
+            calls.append(record.getMessage().split()[2])
+httpx_log = logging.getLogger("httpx")
+httpx_log.setLevel(logging.INFO)
+httpx_log.addHandler(Count())
+from flows.segment_dataset import segment_dataset
+result = segment_dataset(**json.loads(sys.argv[1]))
+print(json.dumps({"calls": calls, "shards": len(result["manifest"]["shards"])}))
+"""
+
+
+def test_a_run_of_2000_shards_makes_api_calls_bounded_by_its_duration(
+    prefect_api, client_env, ray_local, checkpoint, tmp_path
+):
+    """Progress reaches Prefect at most once a second: API calls and log records grow with the run's duration,
+    not with its shards (before, every shard was a log line and a progress-artifact update)."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for i in range(2000):
+        folder = images / f"{i // 500:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (i % 256, 40, 90)).save(folder / f"{i:05d}.png")
+    job = {
+        "input_uri": str(images),
+        "output_uri": str(tmp_path / "out"),
+        "checkpoint_uri": str(checkpoint),
+        "shard_size": 1,
+        "actors": 2,
+        "batch_size": 1,
+        "outputs": {"report": False},
+    }
+    env = client_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", COUNTED_RUN, json.dumps(job)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    counted = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counted["shards"] == 2000
+    calls = counted["calls"]
+    # A few dozen calls set the run up and report it; progress adds at most an update and a log batch a second.
+    assert len(calls) <= 80 + 2 * seconds, (len(calls), seconds)
+    assert len(calls) < 1000, (len(calls), seconds)  # against >= 2 x 2,000 when each shard was reported
+    runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}).json()
+    body = {"logs": {"flow_run_id": {"any_": [runs[0]["id"]]}}, "limit": 200}
+    logs = httpx.post(f"{prefect_api}/logs/filter", json=body, timeout=10).json()
+    assert len(logs) <= 30 + seconds, (len(logs), seconds)
+    print(f"2,000 shards in {seconds:.0f} s: {len(calls)} API calls, {len(logs)} log records")
+    progress = [entry["message"] for entry in logs if "shards committed" in entry["message"]]
+    assert progress and progress[-1].startswith("2000/2000 shards committed (100.0 %)")

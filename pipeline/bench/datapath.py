@@ -144,7 +144,8 @@ class _Steps:
     def write_part(self, rows: list) -> None:
         from pipeline.outputs import write_stats
 
-        write_stats(self.fs, f"{self.out}/stats/part-{len(rows)}-{time.monotonic_ns()}.parquet", rows, "bench", {})
+        path = f"{self.out}/stats/part-{len(rows)}-{time.monotonic_ns()}.parquet"
+        write_stats(self.fs, path, rows, "bench", {}, self.num_classes)
 
 
 def limit(w: Workload) -> tuple[int, float, dict]:

@@ -21,6 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.devtools.local_s3 import LocalS3
 from pipeline.job import JobPlan, finalize_job, plan_job
 from pipeline.outputs import stats_metadata, stats_path, write_table
+from pipeline.outputs.plan import PlanReader
 from pipeline.shard import ShardSummary
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "unet_tiny_shapes.pt"
@@ -90,7 +91,8 @@ def _commit(fs, plan: JobPlan, rows: pa.Table) -> None:
     """Commit ``plan`` with each shard's stats part written as an actor would leave it (its images' rows and
     its files' versions), without a model."""
     _, out = plan.cfg.resolve(plan.cfg.output_uri)
-    for shard in plan.shards:
+    members = PlanReader(fs, out)
+    for shard in map(members.full, plan.shards):
         table = rows.slice(0, len(shard.items))
         table = table.set_column(table.schema.get_field_index("image_id"), "image_id", pa.array(shard.items))
         metadata = stats_metadata(plan.run_id, shard.sources())

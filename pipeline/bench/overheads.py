@@ -1,6 +1,7 @@
 """Costs that grow with the dataset rather than with pixels: planning (listing and sharding an S3 prefix) and
-the reduce (summing every shard's stats part into the confusion matrix), each at several sizes on the local
-S3 server, with the seconds per 10k and the largest departure from a straight line through the origin."""
+the reduce of stats parts read back from storage (the parts' rows, as before footers carried totals, and their
+footers' totals, as a resumed run reads the parts an earlier attempt committed), each at several sizes on the
+local S3 server, with the seconds per 10k and the largest departure from a straight line through the origin."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from pipeline.config import InputConfig
 from pipeline.devtools.local_s3 import LocalS3
-from pipeline.outputs import ImageRow, reduce_parts, stats_path, write_stats
+from pipeline.outputs import ImageRow, read_totals, reduce_parts, stats_path, write_stats
 from pipeline.sources.layout import InputSource
 from pipeline.stats import image_stats
 
@@ -86,17 +87,26 @@ def measure(work: Path, sizes: tuple[int, ...] = (2500, 5000, 10000), rows_per_p
             _fill(fs, {stats_path(f"bench/reduce-{n}", f"shard-{i:06d}"): part for i in range(n)})
             fresh = s3.fs()  # no listing cache carried over from the uploads
             start = time.perf_counter()
-            shards = InputSource(fresh, f"bench/plan-{n}", InputConfig()).plan(256)
-            plan_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "shards": len(shards)})
+            shards = sum(1 for _ in InputSource(fresh, f"bench/plan-{n}", InputConfig()).plan(256))
+            plan_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "shards": shards})
             parts = [stats_path(f"bench/reduce-{n}", f"shard-{i:06d}") for i in range(n)]
             start = time.perf_counter()
             mat, counts = reduce_parts(s3.fs(), parts, NUM_CLASSES)
-            reduce_points.append({"n": n, "seconds": round(time.perf_counter() - start, 3), "images": counts.images})
+            rows_seconds = round(time.perf_counter() - start, 3)
+            start = time.perf_counter()
+            totals = read_totals(s3.fs(), parts, NUM_CLASSES)
+            footer_seconds = round(time.perf_counter() - start, 3)
+            reduce_points.append(
+                {"n": n, "seconds": rows_seconds, "footers_seconds": footer_seconds, "images": totals.counts.images}
+            )
             if counts.images != n * rows_per_part or mat.sum() != n * rows_per_part * 64 * 64:
                 raise RuntimeError(f"the reduce over {n} parts missed rows: {counts}")
+            if not np.array_equal(totals.confusion, mat):
+                raise RuntimeError(f"the footers' totals over {n} parts differ from the rows'")
     return {
         "planning": {"objects": plan_points, **_line(plan_points, "seconds")},
         "reduce": {"stats_parts": reduce_points, "rows_per_part": rows_per_part, **_line(reduce_points, "seconds")},
+        "reduce_footers": _line(reduce_points, "footers_seconds"),
     }
 
 
@@ -105,5 +115,5 @@ def _parquet(rows: list[dict]) -> bytes:
     from fsspec.implementations.memory import MemoryFileSystem
 
     mem = MemoryFileSystem(skip_instance_cache=True)
-    write_stats(mem, "/part.parquet", rows, "bench", {})
+    write_stats(mem, "/part.parquet", rows, "bench", {}, NUM_CLASSES)
     return mem.cat_file("/part.parquet")

@@ -39,6 +39,78 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    """``segpipe plan``: the job's size before it runs; with --save, its plan file for the run to reuse."""
+    from pipeline.job import plan_job
+    from pipeline.schedule import job_config
+
+    cfg = job_config(args.config, config_overrides(args, JobConfig), datetime.now(UTC).date())
+    planned = plan_job(cfg, dry_run=not args.save)
+    doc = _plan_figures(planned, args.save)
+    if args.estimate:
+        from pipeline.estimate import estimate
+
+        found = estimate(planned, args.estimate)
+        doc |= {"images_per_second_per_actor": found.images_per_second, "actors": found.actors}
+        doc |= {"estimated_seconds": found.seconds}
+    print(_plan_text(doc))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+def _plan_figures(planned, saved: bool) -> dict:
+    from pipeline import storage
+    from pipeline.outputs.plan import PLAN_DIR
+
+    cfg, info = planned.cfg, planned.info
+    pending = [s.images for s in planned.pending]
+    fs, root = cfg.resolve(cfg.output_uri)
+    return {
+        "input_uri": cfg.input_uri,
+        "layout": cfg.input.layout,
+        "run_id": planned.run_id,
+        "files": info.files,
+        "images": info.images,
+        "bytes": info.bytes,
+        "shards": info.shards,
+        "shards_committed": len(planned.committed),
+        "shards_to_run": len(planned.pending),
+        "images_to_run": None if None in pending else sum(pending),
+        "plan_uri": storage.to_uri(fs, storage.join(root, PLAN_DIR)) if saved else None,
+        "plan_seconds": round(planned.plan_seconds, 3),
+    }
+
+
+def _plan_text(doc: dict) -> str:
+    from pipeline.estimate import elapsed
+
+    def count(n: int | None) -> str:
+        return "unknown until read" if n is None else f"{n:,}"
+
+    size = "size unknown" if doc["bytes"] is None else _size(doc["bytes"])
+    lines = [
+        f"input      {doc['input_uri']} ({doc['layout']} layout), run {doc['run_id']}",
+        f"images     {count(doc['images'])} in {doc['files']:,} files, {size}",
+        f"shards     {doc['shards']:,}: {doc['shards_committed']:,} committed by an earlier attempt, "
+        f"{doc['shards_to_run']:,} to run ({count(doc['images_to_run'])} images)",
+        f"plan file  {doc['plan_uri'] or 'not written (--save writes it, and a run then reuses it)'}",
+        f"planned in {doc['plan_seconds']} s",
+    ]
+    if "actors" in doc:
+        rate, actors, seconds = doc["images_per_second_per_actor"], doc["actors"], doc["estimated_seconds"]
+        lines.append(f"model      {rate} images/s per actor (model only), {actors} actors here")
+        lines.append(f"estimate   {elapsed(seconds) if seconds is not None else 'unknown (image count unknown)'}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in decimal units: ``812 B``, ``3.4 MB``, ``1.2 TB``."""
+    units = ["B", "kB", "MB", "GB", "TB", "PB"]
+    step = min(len(units) - 1, max(0, (len(str(n)) - 1) // 3))
+    return f"{n} B" if step == 0 else f"{n / 1000**step:,.1f} {units[step]}"
+
+
 def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.deployments import serve as serve_deployments
@@ -78,6 +150,16 @@ def bench(args: argparse.Namespace) -> int:
         from pipeline.bench.overheads import measure
 
         report = measure(work)
+        print(json.dumps(report, indent=2))
+    elif args.listing:
+        from pipeline.bench import listing
+
+        report = listing.measure(work, objects=args.objects)
+        print(json.dumps(report, indent=2))
+    elif args.scale:
+        from pipeline.bench import scale
+
+        report = scale.measure(work, rows=args.rows, shards=args.shards, rounds=args.repeat)
         print(json.dumps(report, indent=2))
     elif args.increments:
         from pipeline.bench import increments

@@ -34,6 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(run, JobConfig)
     run.set_defaults(fn=commands.run)
 
+    pl = sub.add_parser(
+        "plan",
+        help="dry run: list the input (or read its manifest) and say how big the job is; nothing is written",
+        description="Lists the input as a run would (or reads its manifest, or a plan this job saved), and prints "
+        "images, bytes, shards and the shards an earlier attempt committed. Takes the same flags as run.",
+    )
+    pl.add_argument("--config", help="YAML file of JobConfig fields (see configs/)")
+    pl.add_argument("--save", action="store_true", help="write the plan file into the output: a run then reuses it")
+    pl.add_argument(
+        "--estimate",
+        type=float,
+        nargs="?",
+        const=5.0,
+        metavar="SECONDS",
+        help="also time the job's model on the input's first images (5 s unless given) and estimate the run's time",
+    )
+    pl.add_argument("--json", help="also write the figures here")
+    add_config_flags(pl, JobConfig)
+    pl.set_defaults(fn=commands.plan)
+
     sv = sub.add_parser("serve", help="serve the Prefect deployments (nightly, adhoc, evaluate) until interrupted")
     sv.add_argument("--deployments", default="configs/deployments.yaml", help="deployments YAML")
     sv.add_argument("--limit", type=int, help="at most this many flow runs at once")
@@ -112,6 +132,21 @@ def _add_bench(sub) -> None:
         action="store_true",
         help="instead: planning an increment of 1,000 images over 10k and 100k committed, on a local S3",
     )
+    bn.add_argument(
+        "--listing",
+        action="store_true",
+        help="instead: listing --objects tiny objects in 100 folders on a local S3, one folder at a time, several "
+        "folders in flight, and with the flat find it replaced (writes <work>/listing.json)",
+    )
+    bn.add_argument("--objects", type=_positive, default=100_000, help="with --listing: objects to list")
+    bn.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: the driver at scale: planning from a Parquet manifest of --rows image URIs (time, peak RSS) "
+        "and the reduce after --shards shard summaries arrived, each in a fresh process, --repeat rounds",
+    )
+    bn.add_argument("--rows", type=_positive, default=10_000_000, help="with --scale: manifest rows")
+    bn.add_argument("--shards", type=_positive, default=100_000, help="with --scale: shard summaries reduced")
     bn.add_argument(
         "--datapath",
         action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.config import JobConfig
-from pipeline.shard import ShardProcessor, ShardSummary
+from pipeline.shard import ShardProcessor, ShardResults, ShardSummary
 from pipeline.sources import Shard
 
 
@@ -14,14 +14,15 @@ def run_inline(
     run_id: str,
     shards: list[Shard],
     on_done: Callable[[ShardSummary], None] | None = None,
-) -> list[ShardSummary]:
+) -> ShardResults:
     """The same work in this process, one shard after another, without Ray: for debugging and tests."""
     if not shards:
-        return []
+        return ShardResults()
     processor = ShardProcessor(cfg, run_id)
-    summaries = []
+    summaries = ShardResults()
     for shard in shards:
-        summaries.append(processor(shard))
+        summary = processor(shard)
+        summaries.add(summary)
         if on_done:
-            on_done(summaries[-1])
+            on_done(summary)
     return summaries

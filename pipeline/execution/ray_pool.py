@@ -22,7 +22,7 @@ from pipeline.execution.cluster import connect
 from pipeline.execution.resources import ActorPlan, plan_actors
 from pipeline.execution.scheduler import Assignment, ShardFailed, ShardScheduler, SlotAction
 from pipeline.outputs.progress import segmenting_image
-from pipeline.shard import ShardProcessor, ShardSummary
+from pipeline.shard import ShardProcessor, ShardResults, ShardSummary
 from pipeline.sources import Shard
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ def run_shards(
     run_id: str,
     shards: list[Shard],
     on_done: Callable[[ShardSummary], None] | None = None,
-) -> list[ShardSummary]:
+) -> ShardResults:
     """Process ``shards`` on a pool of Ray actors (see ``plan_actors``); summaries arrive in completion order."""
     if not shards:
-        return []
+        return ShardResults()
     import ray
 
     connected = connect(cfg)
@@ -109,11 +109,11 @@ class _ActorPool:
         self._pending: dict[Any, Assignment | _Probe] = {}  # object ref -> what it answers
         self._node_ips: dict[str, str] = {}
 
-    def run(self, on_done: Callable[[ShardSummary], None] | None) -> list[ShardSummary]:
+    def run(self, on_done: Callable[[ShardSummary], None] | None) -> ShardResults:
         """Until every shard is done; raises the last error of a shard that failed past its retries."""
         import ray
 
-        summaries = []
+        summaries = ShardResults()
         while not self._scheduler.done:
             now = time.monotonic()
             for job in self._scheduler.assignments(now):
@@ -127,7 +127,7 @@ class _ActorPool:
             for ref in ready:
                 summary = self._collect(ref)
                 if summary is not None:
-                    summaries.append(summary)
+                    summaries.add(summary)
                     if on_done:
                         on_done(summary)
         return summaries

@@ -2,7 +2,9 @@
 
 ```
 manifest.json                 the run: config, model, counts, shards, timings; written last (the commit)
-stats/part-<shard>.parquet    one ImageRow per input image, errors included; a shard's commit
+stats/part-<shard>.parquet    one ImageRow per input image, errors included; a shard's commit; its footer
+                              carries the run id, the input files' versions and the rows' totals
+plan/part-<n>.parquet         the shards and their members, written while the input is listed (plan.json last)
 masks/<image id>.png          palette PNG, pixel value = class index, 255 = ignore
 metrics.json                  dataset and per-class metrics, with their definitions
 confusion_matrix.parquet      the dataset confusion matrix, rows ground truth
@@ -12,6 +14,8 @@ evaluations/<name>/           re-evaluations of the run's masks (see pipeline.ev
 - ``paths``: where each file lies;
 - ``rows``: the typed rows (``ImageRow``, ``EvaluationRow``) and the Arrow schemas derived from them;
 - ``tables``: the one Parquet writer, the run id a part carries, the one confusion reduce;
+- ``totals``: a part's rows summed (counts, confusion, class pixels), what the dataset reduce adds up;
+- ``plan``: the plan file, written by the driver and read back by the actors;
 - ``manifest``: the typed manifest, its one builder and one reader, and JSON writing.
 """
 
@@ -51,9 +55,9 @@ from pipeline.outputs.tables import (
     reduce_parts,
     stats_metadata,
     write_confusion,
-    write_stats,
     write_table,
 )
+from pipeline.outputs.totals import Totals, read_totals, write_stats
 
 __all__ = [
     "CONFUSION",
@@ -72,6 +76,7 @@ __all__ = [
     "RunCounts",
     "ShardEntry",
     "Timings",
+    "Totals",
     "build_manifest",
     "committed_parts",
     "committed_run_id",
@@ -83,6 +88,7 @@ __all__ = [
     "read_manifest",
     "read_sources",
     "read_tables",
+    "read_totals",
     "reduce_confusion",
     "reduce_parts",
     "shard_entries",

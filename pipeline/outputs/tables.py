@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.metrics import ConfusionMatrix
-from pipeline.outputs.rows import ImageRow, to_table
 
 RUN_ID_KEY = b"segpipe.run_id"
 SOURCES_KEY = b"segpipe.sources"  # JSON: input file (relative to the input root) -> its version when listed
+TOTALS_KEY = b"segpipe.totals"  # JSON: the part's rows summed (see outputs.totals)
 REDUCE_COLUMNS = ["confusion", "labeled", "error", "error_kind"]  # what reduce_confusion reads of a stats part
 _REDUCE_FETCH = 32  # files the reduce fetches at once (a stats part is KBs to a few MB)
 
@@ -31,17 +31,12 @@ def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> No
     storage.write_bytes(fs, path, buf.getvalue())
 
 
-def write_stats(
-    fs: fsspec.AbstractFileSystem, path: str, rows: list[ImageRow], run_id: str, sources: dict[str, str]
-) -> None:
-    """One shard's rows, tagged with the run id (how a resumed run recognises its own parts) and with the
-    input files they came from at their listed versions (what an incremental run compares with the input)."""
-    table = to_table(rows, ImageRow)
-    write_table(fs, path, table.replace_schema_metadata(stats_metadata(run_id, sources)))
-
-
-def stats_metadata(run_id: str, sources: dict[str, str]) -> dict[bytes, bytes]:
-    return {RUN_ID_KEY: run_id.encode(), SOURCES_KEY: json.dumps(sources, sort_keys=True).encode()}
+def stats_metadata(run_id: str, sources: dict[str, str], totals: bytes | None = None) -> dict[bytes, bytes]:
+    """A stats part's footer: the run id (how a resumed run recognises its own parts), the input files its
+    rows came from at their listed versions (what an incremental run compares with the input), and its
+    rows' totals (``outputs.totals``: what the reduce adds up)."""
+    meta = {RUN_ID_KEY: run_id.encode(), SOURCES_KEY: json.dumps(sources, sort_keys=True).encode()}
+    return meta | ({TOTALS_KEY: totals} if totals is not None else {})
 
 
 def part_sources(metadata: dict[bytes, bytes] | None) -> dict[str, str] | None:
