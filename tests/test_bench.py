@@ -150,11 +150,13 @@ def test_large_workload_reports_throughput_and_memory_per_size(tmp_path):
 
 
 def test_scale_plans_a_manifest_and_reduces_every_summary(tmp_path):
-    from pipeline.bench.scale import measure
+    """Each half as ``measure`` runs it in a fresh process, here in this one (torch is imported already)."""
+    from pipeline.bench.scale import plan_once, reduce_once, write_manifest
 
-    report = measure(tmp_path, rows=3000, shards=700, rounds=1)
-    [plan] = report["plan"]["rounds"]
+    manifest = write_manifest(tmp_path / "manifest.parquet", 3000)
+    plan = plan_once(str(manifest), str(tmp_path / "plan-out"))
     assert (plan["images"], plan["shards"], plan["plan_parts"]) == (3000, 47, 1)  # 64 images a shard
-    assert plan["peak_rss_mb"] >= plan["rss_before_plan_mb"] > 0 and plan["seconds"] > 0
-    [reduce] = report["reduce"]["rounds"]
+    assert plan["peak_rss_mb"] >= plan["rss_before_plan_mb"] > 0 and plan["seconds"] > 0 and plan["rerun_seconds"] > 0
+    reduce = reduce_once(700, str(tmp_path / "reduce-out"))
     assert reduce["fold_seconds"] >= 0 and reduce["finalize_seconds"] > 0 and reduce["manifest_mb"] >= 0
+    assert json.loads((tmp_path / "reduce-out" / "manifest.json").read_text())["counts"]["images"] == 700 * 64

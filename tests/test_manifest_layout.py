@@ -309,15 +309,20 @@ def inventory_csv(fs, name: str, objects: list) -> tuple[str, dict]:
     listed = [("imgs/", 0, "d41d8cd98f00b204e9800998ecf8427e"), ("imgs/notes.txt", 5, "x"), *objects]
     rows = [f'"{name}","{quote_plus(key)}","{size}","2026-12-01T00:00:00.000Z","{etag}"' for key, size, etag in listed]
     fs.pipe(f"{name}/inventory/data/c.csv.gz", gzip.compress("\n".join(rows).encode()))
-    doc = {
-        "sourceBucket": name,
-        "destinationBucket": f"arn:aws:s3:::{name}",
-        "fileFormat": "CSV",
-        "fileSchema": "Bucket, Key, Size, LastModifiedDate, ETag",
-        "files": [{"key": "inventory/data/c.csv.gz", "size": 1, "MD5checksum": "0"}],
-    }
+    doc = inventory_doc(name, "CSV", "Bucket, Key, Size, LastModifiedDate, ETag", "inventory/data/c.csv.gz")
     fs.pipe(f"{name}/inventory/c/2026-12-01T00-00Z/manifest.json", json.dumps(doc).encode())
     return f"s3://{name}/inventory/c/2026-12-01T00-00Z", {}
+
+
+def inventory_doc(name: str, fmt: str, schema: str, data_key: str) -> dict:
+    """An S3 Inventory manifest.json naming one data file in bucket ``name``."""
+    return {
+        "sourceBucket": name,
+        "destinationBucket": f"arn:aws:s3:::{name}",
+        "fileFormat": fmt,
+        "fileSchema": schema,
+        "files": [{"key": data_key, "size": 1, "MD5checksum": "0"}],
+    }
 
 
 def inventory_parquet(fs, name: str, objects: list) -> tuple[str, dict]:
@@ -325,13 +330,8 @@ def inventory_parquet(fs, name: str, objects: list) -> tuple[str, dict]:
     columns = {"bucket": [name] * len(objects), "key": [k for k, _, _ in objects]}
     columns |= {"size": [s for _, s, _ in objects], "e_tag": [e for _, _, e in objects]}
     fs.pipe(f"{name}/inventory/data/d.parquet", parquet_bytes(columns))
-    doc = {
-        "sourceBucket": name,
-        "destinationBucket": f"arn:aws:s3:::{name}",
-        "fileFormat": "Parquet",
-        "fileSchema": "message s3.inventory { required binary bucket (STRING); required binary key (STRING); }",
-        "files": [{"key": "inventory/data/d.parquet", "size": 1, "MD5checksum": "0"}],
-    }
+    schema = "message s3.inventory { required binary bucket (STRING); required binary key (STRING); }"
+    doc = inventory_doc(name, "Parquet", schema, "inventory/data/d.parquet")
     fs.pipe(f"{name}/inventory/d/manifest.json", json.dumps(doc).encode())
     return f"s3://{name}/inventory/d/manifest.json", {}
 

@@ -2,7 +2,8 @@
 
 - **plan**: ``plan_job`` over a Parquet manifest of ``rows`` image URIs (``input.layout: manifest``), in a fresh
   process: its wall time, and its peak RSS next to the same process before planning (the model's preflight
-  imports torch). The plan file streams to a local output; the manifest lists nothing.
+  imports torch). The plan file streams to a local output; the manifest lists nothing. Then the rerun's plan,
+  which reads the committed plan back.
 - **reduce**: ``finalize_job`` after ``shards`` shard summaries arrived, as the flow's driver holds them
   (``ShardResults``: light summaries, totals folded as each came): metrics, confusion matrix and a manifest
   naming every shard. Plus the fold alone, and the driver memory the light summaries take.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,9 +31,11 @@ def measure(work: Path, rows: int = 10_000_000, shards: int = 100_000, rounds: i
     work.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(work / f"manifest-{rows}.parquet", rows)
     plans, reduces = [], []
-    for r in range(rounds):  # interleaved: this VM's speed drifts
-        plans.append(_in_fresh_process("plan", str(manifest), str(work / f"plan-out-{r}")))
-        reduces.append(_in_fresh_process("reduce", str(shards), str(work / f"reduce-out-{r}")))
+    for _ in range(rounds):  # interleaved: this VM's speed drifts
+        for out in (work / "plan-out", work / "reduce-out"):
+            shutil.rmtree(out, ignore_errors=True)  # a plan left there would be reused, not made
+        plans.append(_in_fresh_process("plan", str(manifest), str(work / "plan-out")))
+        reduces.append(_in_fresh_process("reduce", str(shards), str(work / "reduce-out")))
     return {"plan": {"rows": rows, "rounds": plans}, "reduce": {"shards": shards, "rounds": reduces}}
 
 
@@ -79,9 +83,15 @@ def plan_once(manifest: str, out: str) -> dict:
     start = time.perf_counter()
     plan = plan_job(cfg)
     seconds = time.perf_counter() - start
+    peak = _peak_mb()
+    start = time.perf_counter()
+    again = plan_job(cfg)  # a rerun of the same job: the committed plan is read back, nothing listed
+    if [s.shard_id for s in again.shards] != [s.shard_id for s in plan.shards]:
+        raise RuntimeError("the rerun planned other shards")
     return {
         "seconds": round(seconds, 2),
-        "peak_rss_mb": round(_peak_mb(), 1),
+        "rerun_seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mb": round(peak, 1),
         "rss_before_plan_mb": round(before, 1),
         "rss_after_plan_mb": round(_rss_mb(), 1),
         "shards": len(plan.shards),

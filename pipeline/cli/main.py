@@ -24,23 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser(
-        "run",
-        help="segment every image under an input URI (the segment-dataset flow)",
-        description="Every JobConfig field is a flag; sections as dotted names (--labels.format coco). "
-        "Values are YAML (--labels.mapping '{1: 0}'); flags override the --config file.",
-    )
-    run.add_argument("--config", help="YAML file of JobConfig fields (see configs/)")
-    add_config_flags(run, JobConfig)
+    run = _job_parser(sub, "run", "segment every image under an input URI (the segment-dataset flow)", "")
     run.set_defaults(fn=commands.run)
 
-    pl = sub.add_parser(
+    pl = _job_parser(
+        sub,
         "plan",
-        help="dry run: list the input (or read its manifest) and say how big the job is; nothing is written",
-        description="Lists the input as a run would (or reads its manifest, or a plan this job saved), and prints "
-        "images, bytes, shards and the shards an earlier attempt committed. Takes the same flags as run.",
+        "dry run: list the input (or read its manifest) and say how big the job is; nothing is written",
+        "Lists the input as a run would (or reads its manifest, or a plan this job saved), and prints images, "
+        "bytes, shards and the shards an earlier attempt committed. ",
     )
-    pl.add_argument("--config", help="YAML file of JobConfig fields (see configs/)")
     pl.add_argument("--save", action="store_true", help="write the plan file into the output: a run then reuses it")
     pl.add_argument(
         "--estimate",
@@ -51,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the job's model on the input's first images (5 s unless given) and estimate the run's time",
     )
     pl.add_argument("--json", help="also write the figures here")
-    add_config_flags(pl, JobConfig)
     pl.set_defaults(fn=commands.plan)
 
     sv = sub.add_parser("serve", help="serve the Prefect deployments (nightly, adhoc, evaluate) until interrupted")
@@ -102,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--config", required=True, help="the job config to run on S3")
     s3.set_defaults(fn=commands.s3_demo)
     return p
+
+
+def _job_parser(sub, name: str, help_text: str, about: str) -> argparse.ArgumentParser:
+    """A subcommand that takes a job: --config, and every JobConfig field as a flag."""
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        description=f"{about}Every JobConfig field is a flag; sections as dotted names (--labels.format coco). "
+        "Values are YAML (--labels.mapping '{1: 0}'); flags override the --config file.",
+    )
+    parser.add_argument("--config", help="YAML file of JobConfig fields (see configs/)")
+    add_config_flags(parser, JobConfig)
+    return parser
 
 
 def _add_bench(sub) -> None:

@@ -2,7 +2,8 @@
 
 Each layout is one module that registers a ``Layout`` (see ``base``) under its name, with two steps:
 
-- ``plan(fs, root, cfg, shard_size) -> list[Shard]`` lists the input once, on the driver;
+- ``plan(fs, root, cfg, shard_size) -> Iterable[Shard]`` lists the input once, on the driver, and yields its
+  shards as the listing streams (the driver writes them to the plan file and keeps each one light);
 - ``read(fs, root, shard, cfg, pool) -> Iterator[Sample]`` streams one shard's samples, in a stable order,
   on an actor, holding no more than a bounded window of encoded images in memory.
 

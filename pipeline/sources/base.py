@@ -77,8 +77,8 @@ class Sample:
 class Layout(ABC):
     """One way of laying out a job's images: how it is recognised, listed into shards, and read back.
 
-    ``plan`` runs once, on the driver; ``read`` streams one shard's samples in a stable order, on an actor,
-    holding no more than a bounded window of encoded images in memory.
+    ``plan`` runs once, on the driver, as a stream of shards; ``read`` streams one shard's samples in a stable
+    order, on an actor, holding no more than a bounded window of encoded images in memory.
     """
 
     file_suffixes: ClassVar[tuple[str, ...]] = ()
