@@ -49,7 +49,7 @@ from pipeline.outputs import (
     write_json,
 )
 from pipeline.outputs.manifest import SKIPPED, now
-from pipeline.outputs.plan import PlanInfo, read_plan, write_plan
+from pipeline.outputs.plan import PlanInfo, commit_plan, read_plan, read_plan_info, write_plan
 from pipeline.outputs.tables import REDUCE_COLUMNS
 from pipeline.outputs.totals import Totals
 from pipeline.preflight import preflight
@@ -114,13 +114,16 @@ def plan_job(cfg: JobConfig, dry_run: bool = False) -> JobPlan:
     out_fs.invalidate_cache()  # object-store listings are cached per process; another may have written
     manifest = read_manifest(out_fs, out_root)
     _same_job_or_none(manifest, cfg, sha, run_id)
-    if cfg.mode == "incremental":
+    if cfg.mode == "incremental":  # an increment is planned from a fresh listing every time
         listed, increment = _plan_increment(cfg, source, manifest, out_fs, out_root)
         shards, info = write_plan(out_fs, out_root, listed, run_id, increment.number, save=not dry_run)
+        reused = False
     else:
-        shards, info = _plan_full(cfg, source, manifest, out_fs, out_root, run_id, dry_run)
+        shards, info, reused = _plan_full(cfg, source, manifest, out_fs, out_root, run_id, dry_run)
         increment = IncrementPlan(number=1, new_files=info.files)
-    committed = _committed_shards(out_fs, out_root, shards, increment, run_id, cfg, dry_run)
+    committed = _committed_shards(out_fs, out_root, shards, increment, run_id, cfg, dry_run, trusted=reused)
+    if shards and not (dry_run or reused):
+        commit_plan(out_fs, out_root, info)  # only once the output's parts were checked against it
     removed = 0 if dry_run else storage.remove_temporaries(out_fs, out_root)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
@@ -158,12 +161,19 @@ def _same_job_or_none(manifest: Manifest | None, cfg: JobConfig, sha: str, run_i
 
 def _plan_full(
     cfg: JobConfig, source: InputSource, manifest: Manifest | None, fs, root: str, run_id: str, dry_run: bool
-) -> tuple[list[Shard], PlanInfo]:
-    """Every shard of the input, streamed into the plan file; or the plan an earlier attempt of this job saved."""
+) -> tuple[list[Shard], PlanInfo, bool]:
+    """Every shard of the input, streamed into the plan file; or the plan an earlier attempt of this job saved
+    (then True). Another job's plan, with parts committed, is refused before anything is written."""
     if manifest is not None and manifest.incremental:
         raise InputError(
             f"output {cfg.output_uri} holds an incremental result set ({len(manifest.increments)} increments): "
             "run with mode: incremental to bring it up to date, or choose a new output"
+        )
+    theirs = read_plan_info(fs, root)
+    if theirs is not None and theirs.run_id != run_id and committed_parts(fs, root):
+        raise InputError(
+            f"output {cfg.output_uri} holds the plan and stats parts of another job (run {theirs.run_id}, this job "
+            f"is run {run_id}); choose a new output for this job"
         )
     reused = read_plan(fs, root, run_id, increment=1)
     if reused is not None:
@@ -171,7 +181,7 @@ def _plan_full(
     shards, info = reused or write_plan(fs, root, source.plan(cfg.shard_size), run_id, 1, save=not dry_run)
     if not shards:
         raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
-    return shards, info
+    return shards, info, reused is not None
 
 
 def _plan_increment(
@@ -199,11 +209,19 @@ def _plan_increment(
 
 
 def _committed_shards(
-    fs, root: str, shards: list[Shard], increment: IncrementPlan, run_id: str, cfg: JobConfig, dry_run: bool
+    fs,
+    root: str,
+    shards: list[Shard],
+    increment: IncrementPlan,
+    run_id: str,
+    cfg: JobConfig,
+    dry_run: bool,
+    trusted: bool,
 ) -> set[str]:
     """Shards whose stats part this same job wrote. Other parts no manifest names are left by an interrupted
     increment of this job, and removed (not in a dry run); in a full run, or when another job wrote them, they
-    stop the run."""
+    stop the run. ``trusted``: the plan is this job's own, committed by an earlier attempt, and no other job
+    plans into an output holding it, so its parts need no footer read each (a million reads, at scale)."""
     found = committed_parts(fs, root)
     planned = {s.shard_id for s in shards}
     stray = sorted(set(found) - planned - set(increment.kept) - set(increment.replaced))
@@ -218,15 +236,14 @@ def _committed_shards(
     if ours and not dry_run:
         storage.remove_files(fs, [found[key] for key in ours])
         log.info("removed %d stats parts of an interrupted increment that no manifest names", len(ours))
-    done = set()
-    for shard_id in planned & set(found):
+    done = planned & set(found)
+    for shard_id in () if trusted else done:
         other = committed_run_id(fs, found[shard_id])
         if other != run_id:
             raise InputError(
                 f"output {cfg.output_uri} holds results of another job (run {other}, this job is run {run_id}); "
                 "choose a new output for this job"
             )
-        done.add(shard_id)
     return done
 
 

@@ -17,6 +17,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.config import JobConfig
 from pipeline.execution import run_inline
@@ -24,7 +25,7 @@ from pipeline.execution.progress import Progress
 from pipeline.job import finalize_job, plan_job
 from pipeline.metrics import metrics_report
 from pipeline.outputs import Totals, reduce_confusion, reduce_parts
-from pipeline.outputs.plan import PLAN_DIR, SHARDS_PER_PART, PlanReader, read_plan, write_plan
+from pipeline.outputs.plan import PLAN_DIR, SHARDS_PER_PART, PlanReader, commit_plan, read_plan, write_plan
 from pipeline.outputs.rows import CONFUSION_CELLS
 from pipeline.shard import ShardSummary
 from pipeline.sources import Shard, shard_id_for
@@ -46,6 +47,8 @@ def shards(n: int, per_shard: int) -> list[Shard]:
 def test_plan_round_trip_light_shards_and_counts(tmp_path):
     full = shards(2 * SHARDS_PER_PART + 3, 4)
     light, info = write_plan(LOCAL, str(tmp_path), iter(full), "run1", 1)
+    assert read_plan(LOCAL, str(tmp_path), "run1", 1) is None  # not committed yet
+    commit_plan(LOCAL, str(tmp_path), info)
     assert [s.shard_id for s in light] == [s.shard_id for s in full]
     assert all(s.items == () and s.versions == () and s.plan_part is not None for s in light)
     assert (info.shards, info.images, info.files, info.parts) == (len(full), 4 * len(full), 4 * len(full), 3)
@@ -66,6 +69,7 @@ def test_members_files_are_counted_once_per_file(tmp_path):
         Shard("c", member="y.parquet", row_groups=(0, 1), images=7, sizes=(300,)),
     ]
     _, info = write_plan(LOCAL, str(tmp_path / "p"), parquet, "run", 1)
+    commit_plan(LOCAL, str(tmp_path / "p"), info)
     assert (info.files, info.images, info.bytes) == (2, 22, 800)
     tars = [Shard("t", member="a.tar", sizes=(100,)), Shard("u", member="b.tar")]  # unknown count and size
     _, info = write_plan(LOCAL, str(tmp_path / "t"), tars, "run", 1)
@@ -78,12 +82,12 @@ def _light_of(root, shard_id: str) -> Shard:
     return next(s for s in light if s.shard_id == shard_id)
 
 
-def test_a_plan_without_its_commit_is_not_reused(tmp_path):
-    write_plan(LOCAL, str(tmp_path), shards(3, 2), "run", 1)
-    (tmp_path / PLAN_DIR / "plan.json").unlink()
+def test_a_new_plan_replaces_the_old_one_its_commit_first(tmp_path):
+    _, info = write_plan(LOCAL, str(tmp_path), shards(3 * SHARDS_PER_PART, 1), "run", 1)
+    commit_plan(LOCAL, str(tmp_path), info)
+    write_plan(LOCAL, str(tmp_path), shards(1, 2), "run", 1)  # every earlier part goes, plan.json first
+    assert sorted(p.name for p in (tmp_path / PLAN_DIR).iterdir()) == ["part-00000.parquet"]
     assert read_plan(LOCAL, str(tmp_path), "run", 1) is None
-    write_plan(LOCAL, str(tmp_path), shards(1, 2), "run", 1)  # a new plan replaces every earlier part
-    assert sorted(p.name for p in (tmp_path / PLAN_DIR).iterdir()) == ["part-00000.parquet", "plan.json"]
 
 
 def test_the_driver_keeps_a_few_hundred_bytes_per_shard_whatever_its_images(tmp_path):
@@ -270,3 +274,26 @@ def test_many_committed_parts_are_summed_by_ray_tasks(tmp_path, dataset, checkpo
         assert np.array_equal(found.class_pixels, summaries.totals.class_pixels)
         assert found.counts == summaries.totals.counts
     assert ray_local.is_initialized()  # a Ray the caller started is left running
+
+
+def test_parts_of_another_job_are_refused_before_and_after_a_plan(tmp_path, dataset, checkpoint):
+    """A plan is committed only once the output's parts were checked against it: a job that found another's
+    parts never commits its plan, so its rerun checks them again instead of trusting them; and an output holding
+    another job's plan and parts is refused before anything is written."""
+    from pipeline.errors import InputError
+
+    out = tmp_path / "out"
+    first = plan_job(job(dataset, out, checkpoint=str(checkpoint)))
+    run_inline(first.cfg, first.run_id, first.pending[:2])  # job A commits two shards, then stops
+    other = job(dataset, out, checkpoint=str(checkpoint), precision="bf16")  # job B: the same shard ids
+    plan_of_a = (out / PLAN_DIR / "plan.json").read_text()
+    with pytest.raises(InputError, match="holds the plan and stats parts of another job"):
+        plan_job(other)
+    assert (out / PLAN_DIR / "plan.json").read_text() == plan_of_a  # A's plan untouched
+    shutil.rmtree(out / PLAN_DIR)  # A's parts without a plan, as a run before plan files left them
+    for _ in range(2):
+        with pytest.raises(InputError, match="holds results of another job"):
+            plan_job(other)
+        assert not (out / PLAN_DIR / "plan.json").exists()
+    resumed = plan_job(job(dataset, out, checkpoint=str(checkpoint)))  # A itself: its parts are still its own
+    assert len(resumed.committed) == 2

@@ -3,7 +3,8 @@
 ```
 plan/part-<n>.parquet   one row per shard: its id, members (items or a member file and row groups), sizes,
                         versions, images, increment; ``SHARDS_PER_PART`` shards per part, in plan order
-plan/plan.json          written last, the plan's commit: the run id, increment and counts
+plan/plan.json          written last, the plan's commit (once the output's parts are checked against it):
+                        the run id, increment and counts
 ```
 
 The driver keeps each shard light (``Shard.plan_part`` set, no members), so its memory grows by a few hundred
@@ -70,8 +71,8 @@ def plan_part_path(root: str, part: int) -> str:
 def write_plan(
     fs: fsspec.AbstractFileSystem, root: str, shards: Iterable[Shard], run_id: str, increment: int, save: bool = True
 ) -> tuple[list[Shard], PlanInfo]:
-    """Stream ``shards`` into plan parts as they come, then commit the plan; returns the light shards and the
-    counts. ``save=False`` counts without writing (a dry run)."""
+    """Stream ``shards`` into plan parts as they come; returns the light shards and the counts, for
+    ``commit_plan`` once the plan is checked. ``save=False`` counts without writing (a dry run)."""
     if save:
         clear_plan(fs, root)
     light: list[Shard] = []
@@ -83,10 +84,12 @@ def write_plan(
             write_table(fs, plan_part_path(root, part), _to_table(group))
         light.extend(_light(s, part) for s in group)
         tally.add(group)
-    info = tally.info(run_id, increment, len(light), -(-len(light) // SHARDS_PER_PART))
-    if save and light:
-        storage.write_bytes(fs, storage.join(root, PLAN_DIR, PLAN_INFO), json.dumps(asdict(info), indent=2).encode())
-    return light, info
+    return light, tally.info(run_id, increment, len(light), -(-len(light) // SHARDS_PER_PART))
+
+
+def commit_plan(fs: fsspec.AbstractFileSystem, root: str, info: PlanInfo) -> None:
+    """Write ``plan.json``: from now on a rerun of this job reuses the plan (and trusts the parts it names)."""
+    storage.write_bytes(fs, storage.join(root, PLAN_DIR, PLAN_INFO), json.dumps(asdict(info), indent=2).encode())
 
 
 def read_plan(
