@@ -49,8 +49,7 @@ from pipeline.outputs import (
     write_json,
 )
 from pipeline.outputs.manifest import SKIPPED, now
-from pipeline.outputs.plan import PlanInfo, commit_plan, read_plan, read_plan_info, write_plan
-from pipeline.outputs.tables import REDUCE_COLUMNS
+from pipeline.outputs.plan import PlanInfo, commit_plan, light_shards, read_plan_info, write_plan
 from pipeline.outputs.totals import Totals
 from pipeline.preflight import preflight
 from pipeline.shard import ShardSummary
@@ -60,7 +59,6 @@ from pipeline.sources.layout import InputSource
 log = logging.getLogger(__name__)
 
 # Fields that change what a run writes; batch size, actors, threads and PNG level do not.
-_READ_NEW = [*REDUCE_COLUMNS, "image_id", "mask_uri"]  # of the increment's own parts, read once at finalize
 _RESULT_FIELDS = {
     *("input_uri", "labels_uri", "model", "weights", "shard_size", "device", "precision"),
     *("inference", "input", "labels"),
@@ -169,19 +167,19 @@ def _plan_full(
             f"output {cfg.output_uri} holds an incremental result set ({len(manifest.increments)} increments): "
             "run with mode: incremental to bring it up to date, or choose a new output"
         )
-    theirs = read_plan_info(fs, root)
-    if theirs is not None and theirs.run_id != run_id and committed_parts(fs, root):
+    found = read_plan_info(fs, root)
+    if found is not None and (found.run_id, found.increment) == (run_id, 1):
+        log.info("reusing this job's plan in the output (%d shards): the input is not listed again", found.shards)
+        return light_shards(fs, root, found), found, True
+    if found is not None and committed_parts(fs, root):
         raise InputError(
-            f"output {cfg.output_uri} holds the plan and stats parts of another job (run {theirs.run_id}, this job "
+            f"output {cfg.output_uri} holds the plan and stats parts of another job (run {found.run_id}, this job "
             f"is run {run_id}); choose a new output for this job"
         )
-    reused = read_plan(fs, root, run_id, increment=1)
-    if reused is not None:
-        log.info("reusing this job's plan in the output (%d shards): the input is not listed again", len(reused[0]))
-    shards, info = reused or write_plan(fs, root, source.plan(cfg.shard_size), run_id, 1, save=not dry_run)
+    shards, info = write_plan(fs, root, source.plan(cfg.shard_size), run_id, 1, save=not dry_run)
     if not shards:
         raise InputError(f"input {cfg.input_uri} holds no {source.layout} input to segment")
-    return shards, info, reused is not None
+    return shards, info, False
 
 
 def _plan_increment(

@@ -15,7 +15,6 @@ arrive in plan order). A rerun of the same job reuses a committed plan instead o
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,8 +28,6 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.outputs.tables import write_table
 from pipeline.sources import Shard
-
-log = logging.getLogger(__name__)
 
 PLAN_DIR = "plan"
 PLAN_INFO = "plan.json"
@@ -99,12 +96,17 @@ def read_plan(
     info = read_plan_info(fs, root)
     if info is None or (info.run_id, info.increment) != (run_id, increment):
         return None
+    return light_shards(fs, root, info), info
+
+
+def light_shards(fs: fsspec.AbstractFileSystem, root: str, info: PlanInfo) -> list[Shard]:
+    """The light shards of the committed plan ``info`` describes, read back from its parts' light columns."""
     shards = []
     for part in range(info.parts):
         table = pq.read_table(pa.BufferReader(fs.cat_file(plan_part_path(root, part))), columns=_LIGHT)
         rows = table.to_pylist()
         shards.extend(Shard(r["shard_id"], images=r["images"], increment=r["increment"], plan_part=part) for r in rows)
-    return shards, info
+    return shards
 
 
 def read_plan_info(fs: fsspec.AbstractFileSystem, root: str) -> PlanInfo | None:

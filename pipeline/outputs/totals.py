@@ -59,14 +59,10 @@ class Totals:
         self.class_pixels = np.zeros(c, np.int64) if self.class_pixels is None else self.class_pixels
 
     def __add__(self, other: Totals) -> Totals:
-        if other.num_classes != self.num_classes:
-            raise ValueError(f"totals of {self.num_classes} and {other.num_classes} classes do not add up")
-        return Totals(
-            self.num_classes,
-            self.counts + other.counts,
-            self.confusion + other.confusion,
-            self.class_pixels + other.class_pixels,
-        )
+        total = Totals(self.num_classes)
+        total += self
+        total += other
+        return total
 
     def __iadd__(self, other: Totals) -> Totals:
         """In place: the driver folds a million shards' totals without a new object for each."""

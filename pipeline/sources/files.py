@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.config import InputConfig
 
 T = TypeVar("T")
+READ_AHEAD = 16  # images fetched at once, in order: one GET each, many in flight
 
 
 def list_inputs(fs: fsspec.AbstractFileSystem, root: str) -> list[InputFile]:
@@ -93,7 +94,9 @@ def stable_groups(files: list[InputFile], shard_size: int) -> list[list[InputFil
     return groups + [group] if group else groups
 
 
-def read(fs: fsspec.AbstractFileSystem, root: str, shard: Shard, pool: Executor, ahead: int = 16) -> Iterator[Sample]:
+def read(
+    fs: fsspec.AbstractFileSystem, root: str, shard: Shard, pool: Executor, ahead: int = READ_AHEAD
+) -> Iterator[Sample]:
     """The shard's images in order, fetched ``ahead`` at a time concurrently: one GET per image, many in flight."""
 
     def fetch(rel: str) -> Sample:

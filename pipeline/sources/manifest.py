@@ -43,7 +43,7 @@ from pipeline import storage
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.sources.base import Layout, Sample, Shard, shard_id_for
-from pipeline.sources.files import read_optional
+from pipeline.sources.files import READ_AHEAD, read_optional
 from pipeline.sources.listing import list_files
 from pipeline.sources.parquet import IGNORE
 from pipeline.sources.prefetch import ordered_prefetch
@@ -66,7 +66,6 @@ ROLES = {  # role -> the column names that hold it, lowercase
 KNOWN = {name for names in ROLES.values() for name in names}
 LOCATION = ("uri", "bucket", "key")  # the roles that say where an image is
 BATCH_ROWS = 65_536  # Parquet rows per batch: a manifest is read a batch at a time, never whole
-AHEAD = 16  # images fetched concurrently, as files.read does
 IMAGE_KEY = "(" + "|".join(re.escape(ext) for ext in IMAGE_EXTENSIONS) + ")$"
 NULL = pa.scalar(None, pa.string())
 _KINDS = "Parquet, CSV (.csv, .csv.gz) or S3 Inventory manifest.json file, or a folder of them"
@@ -360,7 +359,7 @@ def read(fs: fsspec.AbstractFileSystem, shard: Shard, base: str, pool: Executor)
             return Sample(image_id, image_id, uri, read_optional(fs, fs._strip_protocol(uri)))
         return Sample(error_id(uri), error_id(uri), uri, None, error=error)
 
-    return ordered_prefetch(pool, fetch, shard.items, AHEAD)
+    return ordered_prefetch(pool, fetch, shard.items, READ_AHEAD)
 
 
 @register_layout("manifest")
