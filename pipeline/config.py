@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     SecretStr,
     ValidationError,
     field_validator,
@@ -200,6 +201,44 @@ class InputConfig(BaseModel):
         description="manifest: the folder image ids are relative to (an id names masks/<id>.png and its label); "
         "default: the longest common folder of the manifest's URIs",
     )
+    bands: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="TIFF: the bands (1-based, as GDAL counts) read as R, G, B, e.g. [4, 3, 2]; one band is read "
+        "as gray; default: 1, 2, 3 (band 1 alone, or through its colour map, when there are fewer)",
+    )
+    scale: Literal["auto", "none", "minmax", "percentile", "fixed"] = Field(
+        "auto",
+        description="TIFF: how each band's values map to 0..255: auto (8-bit as is, anything else by percentile), "
+        "none (clipped), minmax or percentile (of the image's valid pixels, per band), fixed (scale_range)",
+    )
+    percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]] = Field(
+        (2.0, 98.0), description="TIFF, scale: percentile: the low and high percentiles mapped to 0 and 255"
+    )
+    scale_range: tuple[float, float] | None = Field(
+        None, description="TIFF, scale: fixed: the values mapped to 0 and 255, e.g. [0, 10000] for reflectances"
+    )
+    nodata: float | None = Field(
+        None,
+        description="TIFF: the value marking pixels without data (their mask is 255, not counted in statistics); "
+        "default: the file's own nodata value or mask",
+    )
+    window: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], PositiveInt, PositiveInt] | None = Field(
+        None,
+        description="TIFF: only this window of each image, [column, row, width, height] in pixels (clipped to the "
+        "image); its mask keeps the georeference of that window",
+    )
+
+    @model_validator(mode="after")
+    def _scaling(self) -> InputConfig:
+        if self.bands is not None and len(self.bands) not in (1, 3):
+            raise ValueError(f"input.bands: give 1 band (gray) or 3 (R, G, B), got {len(self.bands)}")
+        if (self.scale == "fixed") != (self.scale_range is not None):
+            raise ValueError("input.scale_range: set it exactly when input.scale is fixed")
+        if self.scale_range is not None and not self.scale_range[0] < self.scale_range[1]:
+            raise ValueError("input.scale_range: the low value must be below the high one")
+        if not self.percentiles[0] < self.percentiles[1]:
+            raise ValueError("input.percentiles: the low percentile must be below the high one")
+        return self
 
 
 class LabelsConfig(BaseModel):
@@ -294,6 +333,17 @@ class OutputsConfig(BaseModel):
         "none", description="JPEGs of each image blended with its mask under overlays/: none, the report's sample, all"
     )
     overlay_opacity: float = Field(0.5, ge=0, le=1, description="opacity of the mask over the image in overlays")
+    mask_format: Literal["auto", "png", "geotiff"] = Field(
+        "auto",
+        description="masks as palette PNGs, or as tiled Cloud-Optimized GeoTIFFs with the input's CRS, transform "
+        "and the palette as colour map; auto: GeoTIFF for a georeferenced input, PNG otherwise",
+    )
+    vectors: bool = Field(
+        False, description="also write each mask as polygons per class to vectors/part-<shard>.parquet (GeoParquet)"
+    )
+    vector_tolerance: float = Field(
+        1.0, ge=0, description="simplification of those polygons, in pixels (0: the exact pixel outlines)"
+    )
 
 
 class DriftConfig(BaseModel):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import fsspec
 
+from pipeline.geo.raster import RasterFile
 from pipeline.storage import join
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class Sample:
     image_id: str  # unique within the job; the mask is written to masks/<image_id>.png
     name: str  # the image's file name as annotation tools know it (matched against COCO's file_name)
     source_uri: str  # where it came from: a file URI, or a tar / Parquet URI with a #fragment
-    image: bytes | None  # None: listed but gone by the time it was read
+    image: bytes | RasterFile | None  # a TIFF file is left where it is (read by windows); None: listed but gone
     label: bytes | None = None  # a label carried in the input itself (tar member, Parquet column)
     label_uri: str | None = None  # where that label came from
     error: str | None = None  # a reason this sample cannot be processed (e.g. a tar entry without an image)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 import fsspec
 
 from pipeline import storage
+from pipeline.geo.raster import RasterFile, is_raster
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.sources.base import (
     InputFile,
@@ -101,9 +102,14 @@ def read(
 
     def fetch(rel: str) -> Sample:
         path = storage.join(root, rel)
-        return Sample(rel, rel, storage.to_uri(fs, path), read_optional(fs, path))
+        return Sample(rel, rel, storage.to_uri(fs, path), fetch_image(fs, path))
 
     return ordered_prefetch(pool, fetch, shard.items, ahead)
+
+
+def fetch_image(fs: fsspec.AbstractFileSystem, path: str) -> bytes | RasterFile | None:
+    """An image's bytes, or for a TIFF the file itself: it is read by windows, never fetched whole."""
+    return RasterFile(fs, path) if is_raster(path) else read_optional(fs, path)
 
 
 def read_optional(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:

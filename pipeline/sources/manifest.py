@@ -43,7 +43,7 @@ from pipeline import storage
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.sources.base import Layout, Sample, Shard, shard_id_for
-from pipeline.sources.files import READ_AHEAD, read_optional
+from pipeline.sources.files import READ_AHEAD, fetch_image
 from pipeline.sources.listing import list_files
 from pipeline.sources.parquet import IGNORE
 from pipeline.sources.prefetch import ordered_prefetch
@@ -356,7 +356,7 @@ def read(fs: fsspec.AbstractFileSystem, shard: Shard, base: str, pool: Executor)
             error = f"{uri} is not under input.base_uri {base}: it has no image id"
         else:
             image_id = uri[len(base) :]
-            return Sample(image_id, image_id, uri, read_optional(fs, fs._strip_protocol(uri)))
+            return Sample(image_id, image_id, uri, fetch_image(fs, fs._strip_protocol(uri)))
         return Sample(error_id(uri), error_id(uri), uri, None, error=error)
 
     return ordered_prefetch(pool, fetch, shard.items, READ_AHEAD)
