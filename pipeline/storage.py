@@ -62,15 +62,30 @@ def bucket_of(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    parent = posixpath.dirname(path)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(parent, exist_ok=True)
-        tmp = join(parent, f".{posixpath.basename(path)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        tmp = _local_temporary(fs, path)
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, local_path: str) -> None:
+    """Publish the local file ``local_path`` (left in place) at ``path``, as atomically as ``write_bytes``."""
+    if isinstance(fs, LocalFileSystem):
+        tmp = _local_temporary(fs, path)
+        fs.put_file(local_path, tmp)
+        fs.mv(tmp, path)
+    else:
+        fs.put_file(local_path, path)
+
+
+def _local_temporary(fs: LocalFileSystem, path: str) -> str:
+    """A hidden temporary name beside ``path`` (its folder made) to write and then rename to ``path``."""
+    parent = posixpath.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    return join(parent, f".{posixpath.basename(path)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
