@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -18,6 +19,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ConfigError, InputError
+from pipeline.geo.mask_files import decode_mask
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.metrics import confusion_counts, metrics_report
@@ -37,7 +39,7 @@ from pipeline.outputs import (
     write_json,
     write_table,
 )
-from pipeline.palette import IGNORE_INDEX, png_to_mask
+from pipeline.palette import IGNORE_INDEX
 from pipeline.sources import Sample, get_layout
 from pipeline.stats import sparse_confusion
 
@@ -58,7 +60,7 @@ def evaluate_output(cfg: EvaluateConfig) -> dict:
     labels = _Labels(cfg, manifest.config.get("input", {}).get("layout", "files"))
     ids = _image_ids(fs, root, manifest)
     with ThreadPoolExecutor(cfg.io_threads) as pool:
-        rows = list(pool.map(lambda i: labels.compare(fs, root, i, len(names)), ids))
+        rows = list(pool.map(lambda i: labels.compare(fs, root, *i, len(names)), ids))
     table = to_table(rows, EvaluationRow)
     mat, counts = reduce_confusion([table], len(names))
     out = storage.join(root, EVALUATIONS, evaluation_name(cfg))
@@ -86,11 +88,13 @@ def _finished_manifest(fs, root: str, uri: str) -> Manifest:
     return manifest
 
 
-def _image_ids(fs, root: str, manifest: Manifest) -> list[str]:
-    """Ids of the images that got a mask (error rows have none), from the stats parts the manifest commits."""
+def _image_ids(fs, root: str, manifest: Manifest) -> list[tuple[str, str]]:
+    """Ids of the images that got a mask (error rows have none), with their mask's suffix (.png or .tif), from
+    the stats parts the manifest commits."""
     ids = []
     for table in read_tables(fs, part_paths(root, manifest), ["image_id", "mask_uri"]):
-        ids += [i for i, m in zip(table["image_id"].to_pylist(), table["mask_uri"].to_pylist(), strict=True) if m]
+        pairs = zip(table["image_id"].to_pylist(), table["mask_uri"].to_pylist(), strict=True)
+        ids += [(i, posixpath.splitext(m)[1]) for i, m in pairs if m]
     return ids
 
 
@@ -107,14 +111,14 @@ class _Labels:
         self.layout = get_layout(layout)  # how an image id names the file annotation tools know
         self.ignore = np.array(cfg.ignore_classes, dtype=np.int64)
 
-    def compare(self, out_fs, out_root: str, image_id: str, num_classes: int) -> EvaluationRow:
+    def compare(self, out_fs, out_root: str, image_id: str, suffix: str, num_classes: int) -> EvaluationRow:
         name = self.layout.sample_name(image_id)
         label_uri = None
         try:
             payload, label_uri = self.reader.fetch(Sample(image_id, name, "", None))
             if payload is None:
                 return _row(image_id, label_uri)
-            mask = png_to_mask(out_fs.cat_file(mask_path(out_root, image_id)))
+            mask = decode_mask(out_fs.cat_file(mask_path(out_root, image_id, suffix)))
             label = self.reader.to_mask(payload, *mask.shape)
             validate_label(label, *mask.shape, num_classes)
         except LabelError as e:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.outputs import (
+    MASK_SUFFIXES,
     Increment,
     Manifest,
     mask_path,
@@ -40,6 +41,7 @@ from pipeline.outputs import (
     read_sources,
     stats_metadata,
     stats_path,
+    vectors_path,
     write_table,
 )
 from pipeline.outputs.totals import Totals
@@ -160,6 +162,7 @@ def replace_parts(
         kept = table.filter(pc.invert(gone))
         new_key = rewritten_id(plan.number, key)
         if kept.num_rows:
+            _rewrite_vectors(fs, root, key, new_key, leaving)
             write_table(
                 fs,
                 stats_path(root, new_key),
@@ -174,11 +177,23 @@ def replace_parts(
     return {key: rows for key, rows, _ in done if rows}, {i for _, _, left in done for i in left}
 
 
+def _rewrite_vectors(fs: fsspec.AbstractFileSystem, root: str, key: str, new_key: str, leaving: pa.Array) -> None:
+    """The part's polygons (outputs.vectors) without the leaving images', under the new id, before its stats part."""
+    try:
+        table = pq.read_table(pa.BufferReader(fs.cat_file(vectors_path(root, key))))
+    except FileNotFoundError:
+        return
+    kept = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=leaving)))
+    write_table(fs, vectors_path(root, new_key), kept.replace_schema_metadata(table.schema.metadata))
+
+
 def remove_replaced(fs: fsspec.AbstractFileSystem, root: str, parts: list[str], gone: set[str]) -> None:
     """After the commit: delete the replaced parts, and the masks (and overlays) of images no longer in the set.
     A failure is logged, not raised: the set is committed, and the next run removes parts no manifest names."""
     paths = [stats_path(root, k) for k in parts]
-    paths += [p for image_id in sorted(gone) for p in (mask_path(root, image_id), overlay_path(root, image_id))]
+    paths += [vectors_path(root, k) for k in parts]
+    masks = [mask_path(root, image_id, suffix) for image_id in sorted(gone) for suffix in MASK_SUFFIXES]
+    paths += masks + [overlay_path(root, image_id) for image_id in sorted(gone)]
     try:
         with ThreadPoolExecutor(_THREADS) as pool:
             list(pool.map(lambda path: storage.remove_files(fs, [path]), paths))

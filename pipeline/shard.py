@@ -30,13 +30,34 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.cpu_tuning import release_freed_memory
-from pipeline.images import DecodeError, ImageTooLarge, decode_rgb, default_max_image_pixels, image_pixels
+from pipeline.geo.georef import Georef
+from pipeline.geo.mask_files import mask_suffix, open_mask_writer
+from pipeline.geo.raster import RasterFile, RasterImage, is_tiff
+from pipeline.geo.vectors import Polygonizer, VectorPartWriter
+from pipeline.image_outputs import Finished, ImageOutputs
+from pipeline.images import (
+    DecodeError,
+    ImageTooLarge,
+    decode_rgb,
+    default_max_image_pixels,
+    image_pixels,
+    memory_limit_bytes,
+)
 from pipeline.inference.plan import plan_inference
 from pipeline.inference.predictor import Failure, Prediction, Predictor
+from pipeline.inference.windows import Window
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.models.loading import load_model
-from pipeline.outputs import ErrorKind, ImageRow, mask_path, overlay_path, stats_path, unsafe_image_id
+from pipeline.outputs import (
+    ErrorKind,
+    ImageRow,
+    mask_path,
+    overlay_path,
+    stats_path,
+    unsafe_image_id,
+    vectors_path,
+)
 from pipeline.outputs.plan import PlanReader
 from pipeline.outputs.progress import clear_segmenting, mark_segmenting
 from pipeline.outputs.totals import Totals, write_stats
@@ -45,7 +66,7 @@ from pipeline.report.overlays import overlay_jpeg
 from pipeline.sources import Sample, Shard
 from pipeline.sources.layout import InputSource
 from pipeline.sources.prefetch import background
-from pipeline.stats import image_stats
+from pipeline.stats import ImageStatsAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +104,7 @@ class ShardResults(list):
 @dataclass
 class _Prepared:
     sample: Sample
-    image: np.ndarray | None  # decoded RGB, or None with ``error`` and ``kind`` set
+    image: np.ndarray | _Windowed | None  # decoded RGB, a TIFF read by windows, or None with ``error`` and ``kind``
     error: str | None
     kind: ErrorKind | None = None
     label: object | None = None  # the label's payload (bytes or a COCO entry), not yet converted
@@ -128,6 +149,7 @@ class ShardProcessor:
         # pixels than that many tiles: a chunk of large images holds one or two of them.
         self.chunk = max(2 * cfg.batch_size, cfg.io_threads)
         self.chunk_pixels = self.chunk * self.plan.tile[0] * self.plan.tile[1]
+        self.vectors = cfg.outputs.vectors
 
     def __call__(self, shard: Shard, careful: bool = False, killers: frozenset[str] = frozenset()) -> ShardSummary:
         """Segment ``shard`` and commit it. ``careful``: image by image, noting each image before it is touched
@@ -136,12 +158,20 @@ class ShardProcessor:
         shard = self.plan_file.full(shard)
         rows: list[ImageRow] = []
         samples = _checked_ids(background(self.source.read(shard, self.pool), maxsize=self.chunk))
-        if careful:
-            rows = [self._carefully(shard, sample, killers) for sample in samples]
-            clear_segmenting(self.out_fs, self.out_root, shard.shard_id)
-        else:
-            for chunk in _chunks(samples, self.chunk, self.chunk_pixels):
-                rows.extend(self._process(shard, chunk))
+        vectors = VectorPartWriter(self.out_fs, vectors_path(self.out_root, shard.shard_id)) if self.vectors else None
+        try:
+            if careful:
+                rows = [self._carefully(shard, sample, killers, vectors) for sample in samples]
+                clear_segmenting(self.out_fs, self.out_root, shard.shard_id)
+            else:
+                for chunk in _chunks(samples, self.chunk, self.chunk_pixels):
+                    rows.extend(self._process(shard, chunk, vectors))
+            if vectors is not None:
+                vectors.close()  # before the stats part: a committed shard's polygons are there
+        except BaseException:
+            if vectors is not None:
+                vectors.discard()
+            raise
         part = stats_path(self.out_root, shard.shard_id)
         totals = write_stats(self.out_fs, part, rows, self.run_id, shard.sources(), self.meta.num_classes)
         return ShardSummary(
@@ -155,25 +185,34 @@ class ShardProcessor:
         )
 
     def model_rate(self, samples: Iterable[Sample], seconds: float) -> float:
-        """Images per second of the model on ``samples``, decoded once and predicted again and again for about
-        ``seconds`` after one warm-up pass; nothing written (what ``segpipe plan --estimate`` times)."""
-        images = [p.image for p in map(self._prepare, samples) if p.image is not None]
-        if not images:
-            return 0.0
-        self.predictor.predict(images)
-        done, start = 0, time.perf_counter()
-        while done == 0 or time.perf_counter() - start < seconds:
+        """Images per second of the model on ``samples``, decoded once (a TIFF: read by windows each time) and
+        predicted again and again for about ``seconds`` after one warm-up pass; nothing written (what
+        ``segpipe plan --estimate`` times)."""
+        prepared = [self._prepare_windowed(s, write=False) if _windowed(s.image) else self._prepare(s) for s in samples]
+        images = [p.image for p in prepared if p.image is not None]
+        try:
+            if not images:
+                return 0.0
             self.predictor.predict(images)
-            done += len(images)
-        return done / (time.perf_counter() - start)
+            done, start = 0, time.perf_counter()
+            while done == 0 or time.perf_counter() - start < seconds:
+                self.predictor.predict(images)
+                done += len(images)
+            return done / (time.perf_counter() - start)
+        finally:
+            for image in images:
+                if isinstance(image, _Windowed):
+                    image.discard()
 
-    def _carefully(self, shard: Shard, sample: Sample, killers: frozenset[str]) -> ImageRow:
+    def _carefully(
+        self, shard: Shard, sample: Sample, killers: frozenset[str], vectors: VectorPartWriter | None
+    ) -> ImageRow:
         if sample.image_id in killers:
-            return self._row(shard, _Prepared(sample, None, PROCESS_DIED, ErrorKind.PROCESS_DIED), None)
+            return self._row(shard, _Prepared(sample, None, PROCESS_DIED, ErrorKind.PROCESS_DIED), None, vectors)
         mark_segmenting(self.out_fs, self.out_root, shard.shard_id, sample.image_id)
-        return self._process(shard, [sample])[0]
+        return self._process(shard, [sample], vectors)[0]
 
-    def _process(self, shard: Shard, chunk: list[Sample]) -> list[ImageRow]:
+    def _process(self, shard: Shard, chunk: list[Sample], vectors: VectorPartWriter | None) -> list[ImageRow]:
         prepared = list(self.pool.map(self._prepare, chunk))
         ok = [p for p in prepared if p.image is not None]
         with self.model_lock:
@@ -181,13 +220,16 @@ class ShardProcessor:
         by_id = {id(p): pred for p, pred in zip(ok, preds, strict=True)}
         if self.cfg.outputs.overlays != "all":  # else the overlay needs the pixels: _row drops them
             for p in ok:
-                p.image = None  # the rows need only the masks: a large image's pixels go before its PNG is encoded
-        return list(self.pool.map(lambda p: self._row(shard, p, by_id.get(id(p))), prepared))
+                if isinstance(p.image, np.ndarray):
+                    p.image = None  # the rows need only the masks: a large image's pixels go before its PNG
+        return list(self.pool.map(lambda p: self._row(shard, p, by_id.get(id(p)), vectors), prepared))
 
     def _prepare(self, sample: Sample) -> _Prepared:
         """Decode the image and fetch its label's payload (IO threads)."""
         if sample.error is not None:
             return _Prepared(sample, None, sample.error, ErrorKind.INPUT)
+        if _windowed(sample.image):
+            return self._prepare_windowed(sample)
         image, error, kind = self._decode(sample.image)
         if image is None:
             return _Prepared(sample, None, error, kind)
@@ -195,6 +237,70 @@ class ShardProcessor:
             return _Prepared(sample, image, None, None, *self.labels.fetch(sample))
         except LabelError as e:
             return _Prepared(sample, image, None, label_error=f"label: {e}")
+
+    def _prepare_windowed(self, sample: Sample, write: bool = True) -> _Prepared:
+        """Open a TIFF for windowed reads and set up its outputs, which take its mask band by band: the label
+        is converted first (statistics are counted as rows finish). ``write=False``: outputs that only count
+        (the model timed by ``model_rate``)."""
+        try:
+            raster = RasterImage(sample.image, self.cfg.input)
+        except Exception as e:  # noqa: BLE001 - whatever GDAL says of a file is the row's reason
+            return _Prepared(sample, None, *_open_error(sample.image, e))
+        too_large = self._band_too_large(raster)
+        if too_large:
+            raster.close()
+            return _Prepared(sample, None, too_large, ErrorKind.TOO_LARGE)
+        label, label_uri, label_error = self._windowed_label(sample, *raster.shape)
+        image_id, georef, (h, w) = sample.image_id, raster.georef, raster.shape
+        fmt = self._mask_format(georef)
+        out = mask_path(self.out_root, image_id, mask_suffix(fmt))
+        writer, polygons = None, None
+        if write:
+            writer = open_mask_writer(fmt, self.out_fs, out, h, w, self.palette, georef, self.cfg.png_compress_level)
+            polygons = self._polygons(h, w, georef)
+        outputs = ImageOutputs(writer, self._stats(label), label, polygons, raster.valid)
+        windowed = _Windowed(raster, outputs, out)
+        return _Prepared(sample, windowed, None, label_uri=label_uri, label_error=label_error)
+
+    def _windowed_label(self, sample: Sample, h: int, w: int) -> tuple[np.ndarray | None, str | None, str | None]:
+        """A windowed image's label as a whole mask (1 byte a pixel), converted and checked before the image
+        is segmented: (label, its URI, why it cannot be used)."""
+        try:
+            payload, label_uri = self.labels.fetch(sample)
+        except LabelError as e:
+            return None, None, f"label: {e}"
+        if payload is None:
+            return None, label_uri, None
+        if h * w > self.max_pixels:
+            return None, label_uri, f"label: {w}x{h} pixels is above max_image_pixels: it is converted whole"
+        try:
+            label = self.labels.to_mask(payload, h, w)
+            validate_label(label, h, w, self.meta.num_classes)
+        except LabelError as e:
+            return None, label_uri, f"label: {e}"
+        return label, label_uri, None
+
+    def _band_too_large(self, raster: RasterImage) -> str | None:
+        """Why a row of windows of ``raster`` cannot be merged in this process's memory, or None: the merge holds
+        fp32 probabilities and weights across the whole width (plus the pixels read and the finished rows)."""
+        rows = min(self.plan.tile[0], raster.height)
+        need = rows * raster.width * (4 * self.meta.num_classes + 4 + 3 + 1)
+        if need <= memory_limit_bytes() // 4:
+            return None
+        return (
+            f"image is {raster.width} pixels wide: a row of windows would need {need / 2**30:.1f} GiB "
+            f"(a quarter of this process's memory at most); segment a narrower input.window"
+        )
+
+    def _mask_format(self, georef: Georef | None) -> str:
+        fmt = self.cfg.outputs.mask_format
+        return ("geotiff" if georef is not None else "png") if fmt == "auto" else fmt
+
+    def _stats(self, label: np.ndarray | None) -> ImageStatsAccumulator:
+        return ImageStatsAccumulator(self.meta.num_classes, label is not None)
+
+    def _polygons(self, h: int, w: int, georef: Georef | None) -> Polygonizer | None:
+        return Polygonizer(h, w, georef, self.cfg.outputs.vector_tolerance) if self.vectors else None
 
     def _decode(self, data: bytes | None) -> tuple[np.ndarray | None, str | None, ErrorKind | None]:
         if data is None:
@@ -209,16 +315,46 @@ class ShardProcessor:
         except DecodeError as e:
             return None, str(e), ErrorKind.INPUT
 
-    def _row(self, shard: Shard, p: _Prepared, pred: Prediction | Failure | None) -> ImageRow:
-        """Convert and check the label, write the mask, and build the image's stats row."""
+    def _row(
+        self, shard: Shard, p: _Prepared, pred: Prediction | Failure | None, vectors: VectorPartWriter | None
+    ) -> ImageRow:
+        """Finish the image's outputs (mask file, statistics, polygons) and build its stats row."""
         sample = p.sample
         ids = {"run_id": self.run_id, "image_id": sample.image_id, "source_uri": sample.source_uri}
         ids |= {"shard_id": shard.shard_id, "model": self.cfg.model, "increment": shard.increment}
+        windowed = p.image if isinstance(p.image, _Windowed) else None
+        if windowed is not None and not isinstance(pred, Prediction):
+            windowed.discard()
         if isinstance(pred, Failure):
             log.warning("shard %s, image %s: %s", shard.shard_id, sample.image_id, pred.reason)
-            return ImageRow.failed(**ids, error=pred.reason, error_kind=ErrorKind.MODEL)
+            return ImageRow.failed(**ids, error=pred.reason, error_kind=ErrorKind(pred.kind))
         if pred is None:  # the image itself could not be read, decoded or segmented
             return ImageRow.failed(**ids, error=p.error, error_kind=p.kind)
+        if windowed is not None:
+            out, georef, (h, w), label_error = windowed.mask_path, windowed.raster.georef, windowed.shape, p.label_error
+            finished = windowed.finish()
+        else:
+            georef, (h, w) = None, pred.mask.shape
+            out, finished, label_error = self._whole_outputs(sample, p, pred)
+        if vectors is not None and finished.vectors is not None:
+            vectors.add(sample.image_id, finished.vectors, georef, self.meta.class_names)
+        return ImageRow(
+            **ids,
+            **finished.stats.columns(),
+            width=w,
+            height=h,
+            mask_uri=storage.to_uri(self.out_fs, out),
+            mean_confidence=pred.mean_confidence,
+            label_uri=p.label_uri,
+            error=label_error,
+            error_kind=ErrorKind.LABEL if label_error else None,
+            crs=georef.crs if georef else None,
+            bounds=dict(zip(("xmin", "ymin", "xmax", "ymax"), georef.bounds(h, w), strict=True)) if georef else None,
+        )
+
+    def _whole_outputs(self, sample: Sample, p: _Prepared, pred: Prediction) -> tuple[str, Finished, str | None]:
+        """An image decoded whole: convert and check its label, write its mask (and overlay) and count it.
+        Returns the mask's path, the finished outputs and why the label cannot be used."""
         h, w = pred.mask.shape
         label, label_error = None, p.label_error
         if p.label is not None:
@@ -227,23 +363,62 @@ class ShardProcessor:
                 validate_label(label, h, w, self.meta.num_classes)
             except LabelError as e:
                 label, label_error = None, f"label: {e}"
-        out = mask_path(self.out_root, sample.image_id)
-        storage.write_bytes(self.out_fs, out, mask_to_png(pred.mask, self.palette, self.cfg.png_compress_level))
+        fmt = self._mask_format(None)
+        out = mask_path(self.out_root, sample.image_id, mask_suffix(fmt))
+        writer = None
+        if fmt == "png":  # whole, at once: the fast path of every ordinary image
+            storage.write_bytes(self.out_fs, out, mask_to_png(pred.mask, self.palette, self.cfg.png_compress_level))
+        else:
+            writer = open_mask_writer(fmt, self.out_fs, out, h, w, self.palette, None, self.cfg.png_compress_level)
+        outputs = ImageOutputs(writer, self._stats(label), label, self._polygons(h, w, None))
+        outputs.add(0, pred.mask)
         if p.image is not None:  # outputs.overlays: all
             overlay = overlay_jpeg(p.image, pred.mask, self.palette, self.cfg.outputs.overlay_opacity)
             p.image = None
             storage.write_bytes(self.out_fs, overlay_path(self.out_root, sample.image_id), overlay)
-        return ImageRow(
-            **ids,
-            **image_stats(pred.mask, self.meta.num_classes, label).columns(),
-            width=w,
-            height=h,
-            mask_uri=storage.to_uri(self.out_fs, out),
-            mean_confidence=pred.mean_confidence,
-            label_uri=p.label_uri,
-            error=label_error,
-            error_kind=ErrorKind.LABEL if label_error else None,
-        )
+        return out, outputs.finish(), label_error
+
+
+class _Windowed:
+    """A TIFF read window by window (a ``WindowedImage``), its finished rows going to its outputs."""
+
+    def __init__(self, raster: RasterImage, outputs: ImageOutputs, mask_path: str) -> None:
+        self.raster, self.outputs, self.mask_path = raster, outputs, mask_path
+        self.shape = raster.shape
+
+    def crop(self, window: Window) -> np.ndarray:
+        return self.raster.read(window.y, window.x, window.h, window.w)
+
+    @property
+    def sink(self) -> ImageOutputs:
+        return self.outputs
+
+    @property
+    def mean_confidence(self) -> float:
+        return self.outputs.mean_confidence
+
+    def finish(self) -> Finished:
+        try:
+            return self.outputs.finish()
+        finally:
+            self.raster.close()
+
+    def discard(self) -> None:
+        self.outputs.discard()
+        self.raster.close()
+
+
+def _windowed(image: bytes | RasterFile | None) -> bool:
+    """Read by windows: a TIFF file left in place, or TIFF bytes (a tar member, a Parquet cell)."""
+    return isinstance(image, RasterFile) or (isinstance(image, bytes) and is_tiff(image))
+
+
+def _open_error(image: bytes | RasterFile, error: Exception) -> tuple[str, ErrorKind]:
+    """The error row's reason for a TIFF that could not be opened."""
+    if isinstance(image, RasterFile) and not image.fs.exists(image.path):
+        return "missing file: the image was listed but could not be read", ErrorKind.INPUT
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return f"cannot read TIFF: {text}", ErrorKind.INPUT
 
 
 def _ray_node_id() -> str:
@@ -269,11 +444,12 @@ def _checked_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
 
 def _chunks(samples: Iterable[Sample], size: int, pixels: int) -> Iterator[list[Sample]]:
     """Groups of at most ``size`` samples and (unless one alone is larger) ``pixels`` pixels, read from the
-    images' headers, so that a chunk of large images does not decode them all at once."""
+    images' headers, so that a chunk of large images does not decode them all at once (a TIFF is never decoded
+    whole: it counts for nothing)."""
     chunk: list[Sample] = []
     held = 0
     for sample in samples:
-        n = (image_pixels(sample.image) or 0) if sample.image is not None else 0
+        n = 0 if sample.image is None or _windowed(sample.image) else (image_pixels(sample.image) or 0)
         if chunk and (len(chunk) == size or held + n > pixels):
             yield chunk
             chunk, held = [], 0

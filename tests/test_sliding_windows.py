@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.config import InferenceConfig
 from pipeline.inference.plan import plan_inference
 from pipeline.inference.predictor import Failure, Prediction, Predictor
-from pipeline.inference.stitching import Stitcher
+from pipeline.inference.stitching import MaskArray, Stitcher
 from pipeline.inference.windows import window_rows
 from pipeline.models import get_model
 from pipeline.models.checkpoint import ModelMeta
@@ -124,7 +124,7 @@ def test_scales_merge_at_the_original_size(tiny_unet):
 
 def test_the_merge_holds_one_band_of_windows_not_the_image():
     rows = window_rows(1000, 300, (64, 64), 0.25)
-    stitcher = Stitcher(rows, num_classes=4, blend="gaussian")
+    stitcher = Stitcher(rows, num_classes=4, blend="gaussian", sink=MaskArray(1000, 300))
     bands = set()
     for row in rows:
         for win in row:
@@ -133,7 +133,7 @@ def test_the_merge_holds_one_band_of_windows_not_the_image():
                 bands.add(tuple(stitcher._sum.shape))
     assert bands == {(64, 300, 4)}
     assert stitcher.done and stitcher._sum is None
-    assert stitcher.mask.shape == (1000, 300) and stitcher.mask.max() < 4
+    assert stitcher.sink.mask.shape == (1000, 300) and stitcher.sink.mask.max() < 4
 
 
 def test_an_image_the_model_raises_on_fails_alone():
@@ -167,7 +167,7 @@ def test_the_band_merge_equals_a_merge_over_the_whole_image(overlap, monkeypatch
     monkeypatch.setattr(stitching, "FINISH_PIXELS", 500)  # several finishing steps per band
     rows = window_rows(150, 170, (40, 40), overlap)
     generator = torch.Generator().manual_seed(0)
-    stitcher = Stitcher(rows, num_classes=4, blend="gaussian")
+    stitcher = Stitcher(rows, num_classes=4, blend="gaussian", sink=stitching.MaskArray(150, 170))
     total, weight = torch.zeros(150, 170, 4), torch.zeros(150, 170)
     for win in (w for row in rows for w in row):
         probs = torch.rand(win.h, win.w, 4, generator=generator)
@@ -176,5 +176,5 @@ def test_the_band_merge_equals_a_merge_over_the_whole_image(overlap, monkeypatch
         total[win.y : win.y + win.h, win.x : win.x + win.w].addcmul_(probs, importance[..., None])
         weight[win.y : win.y + win.h, win.x : win.x + win.w] += importance
     top, labels = (total / weight[..., None]).max(dim=-1)
-    assert np.array_equal(stitcher.mask, labels.numpy())
-    assert stitcher.mean_confidence == pytest.approx(float(top.double().mean()), rel=1e-9)
+    assert np.array_equal(stitcher.sink.mask, labels.numpy())
+    assert stitcher.sink.mean_confidence == pytest.approx(float(top.double().mean()), rel=1e-9)

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from pipeline.config import InferenceConfig
 from pipeline.cpu_tuning import flush_denormals, keep_freed_memory, route_convs_to_onednn
 from pipeline.errors import DeviceError
 from pipeline.inference.plan import InferencePlan, plan_inference
-from pipeline.inference.stitching import Stitcher
+from pipeline.inference.stitching import MaskArray, RowSink, Stitcher
 from pipeline.inference.windows import Window
 from pipeline.models.checkpoint import ModelMeta
 
@@ -35,13 +36,33 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Prediction:
-    mask: np.ndarray  # HxW uint8 class indices at the image's original size
+    mask: np.ndarray | None  # HxW uint8 class indices at the image's original size; None: given to a WindowedImage
     mean_confidence: float  # mean over pixels of the top (merged) softmax probability
+
+
+class WindowedImage(Protocol):
+    """An image too large to decode whole (a huge TIFF): read window by window, its finished rows given to
+    ``sink`` as they are merged, so neither the image nor its mask is ever whole in memory."""
+
+    shape: tuple[int, int]  # height, width
+
+    def crop(self, window: Window) -> np.ndarray:
+        """The window's h x w x 3 uint8 pixels."""
+
+    @property
+    def sink(self) -> RowSink: ...
+
+    @property
+    def mean_confidence(self) -> float: ...
+
+
+Image = np.ndarray | WindowedImage
 
 
 @dataclass(frozen=True)
 class Failure:
     reason: str  # why the model could not segment this image, for its error row
+    kind: str = "model"  # an ErrorKind value: "model", or "input" when a window of a windowed image was unreadable
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,8 +111,9 @@ class Predictor:
         self.mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
 
-    def predict(self, images: list[np.ndarray]) -> list[Prediction | Failure]:
-        """Masks for HxWx3 uint8 images, in input order; a Failure for an image the model fails on."""
+    def predict(self, images: list[Image]) -> list[Prediction | Failure]:
+        """Masks for HxWx3 uint8 images (or windowed ones), in input order; a Failure for an image the model
+        fails on."""
         return _Run(self, images).results()
 
     @torch.inference_mode()
@@ -160,7 +182,7 @@ class Predictor:
 class _Run:
     """One ``predict`` call: the windows of its images in batches, each image's stitcher, the failures."""
 
-    def __init__(self, predictor: Predictor, images: list[np.ndarray]) -> None:
+    def __init__(self, predictor: Predictor, images: list[Image]) -> None:
         self.p = predictor
         self.images = images
         self.rows = [predictor.plan.windows(*img.shape[:2]) for img in images]
@@ -183,13 +205,13 @@ class _Run:
 
     def _run(self, batch: list[_Item]) -> None:
         """Segment and merge ``batch``; when it fails, its halves, down to the window that fails alone."""
-        batch = [item for item in batch if not isinstance(self.out[item[0]], Failure)]
+        batch, crops = self._crops(item for item in batch if not isinstance(self.out[item[0]], Failure))
         if not batch:
             return
-        whole = [len(self.rows[i]) == len(self.rows[i][0]) == 1 for i, _ in batch]
+        whole = [len(self.rows[i]) == len(self.rows[i][0]) == 1 and _in_memory(self.images[i]) for i, _ in batch]
         error = None
         try:
-            outputs = self.p.window_outputs(self.p.to_input([_crop(self.images[i], w) for i, w in batch]), whole)
+            outputs = self.p.window_outputs(self.p.to_input(crops), whole)
         except Exception as e:  # an image the model cannot take must not take its batch with it
             error = e.with_traceback(None)  # its frames would keep the failed batch's tensors alive
         if error is not None:
@@ -200,6 +222,21 @@ class _Run:
                 self.out[i] = out
             else:
                 self._merge(i, window, out)
+
+    def _crops(self, items: Iterator[_Item]) -> tuple[list[_Item], list[np.ndarray]]:
+        """The items' pixels; a windowed image whose window cannot be read (a corrupt block) fails, as an
+        input, and leaves the batch."""
+        kept, crops = [], []
+        for i, window in items:
+            if isinstance(self.out[i], Failure):  # an earlier window of it was unreadable
+                continue
+            try:
+                crops.append(_crop(self.images[i], window))
+            except Exception as e:  # noqa: BLE001 - whatever the reader says is the row's reason
+                self._fail(i, e, "cannot read this image", kind="input")
+                continue
+            kept.append((i, window))
+        return kept, crops
 
     def _failed(self, batch: list[_Item], error: Exception) -> None:
         if _is_cuda_oom(error):
@@ -217,20 +254,25 @@ class _Run:
     def _merge(self, i: int, window: Window, probs: torch.Tensor) -> None:
         try:
             if i not in self.stitchers:
-                self.stitchers[i] = Stitcher(self.rows[i], self.p.meta.num_classes, self.p.plan.blend)
+                image = self.images[i]
+                sink = MaskArray(*image.shape[:2]) if _in_memory(image) else image.sink
+                self.stitchers[i] = Stitcher(self.rows[i], self.p.meta.num_classes, self.p.plan.blend, sink)
             stitcher = self.stitchers[i]
             stitcher.add(window, probs)
-        except Exception as e:  # e.g. out of memory for one very wide image's band
+        except Exception as e:  # e.g. out of memory for one very wide image's band, or its mask's writes
             self._fail(i, e)
             return
         if stitcher.done:
-            self.out[i] = Prediction(self.stitchers.pop(i).mask, stitcher.mean_confidence)
+            sink = self.stitchers.pop(i).sink
+            self.out[i] = Prediction(getattr(sink, "mask", None), sink.mean_confidence)
 
-    def _fail(self, i: int, error: Exception) -> None:
+    def _fail(
+        self, i: int, error: Exception, what: str = "the model failed on this image", kind: str = "model"
+    ) -> None:
         self.stitchers.pop(i, None)
         text = str(error).strip()
         detail = f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
-        self.out[i] = Failure(f"the model failed on this image: {detail}")
+        self.out[i] = Failure(f"{what}: {detail}", kind)
 
 
 def _cuda_fp32_math(precision: str) -> None:
@@ -267,8 +309,12 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return nhwc.softmax(dim=-1)
 
 
-def _crop(image: np.ndarray, w: Window) -> np.ndarray:
-    return image[w.y : w.y + w.h, w.x : w.x + w.w]
+def _in_memory(image: Image) -> bool:
+    return isinstance(image, np.ndarray)
+
+
+def _crop(image: Image, w: Window) -> np.ndarray:
+    return image[w.y : w.y + w.h, w.x : w.x + w.w] if _in_memory(image) else image.crop(w)
 
 
 def _is_cuda_oom(error: Exception) -> bool:

@@ -13,6 +13,7 @@ is positive, its class is the argmax of the sums themselves; only the top value 
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,13 +35,36 @@ def _importance(h: int, w: int, blend: str, device: torch.device) -> torch.Tenso
     return weights.clamp_(min=weights[weights > 0].min().item())  # no pixel of a window weighs nothing
 
 
-class Stitcher:
-    """One image's mask and confidence, built from its windows' probabilities given in row order."""
+class RowSink(Protocol):
+    """Where an image's finished rows go, top to bottom, each row once: classes and top probabilities."""
 
-    def __init__(self, rows: list[list[Window]], num_classes: int, blend: str) -> None:
+    def rows(self, top: int, labels: torch.Tensor, top_prob: torch.Tensor) -> None: ...
+
+
+class MaskArray:
+    """Finished rows kept as one mask in memory, for an image that was decoded whole."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.mask = np.empty((height, width), np.uint8)
+        self._confidence = 0.0  # sum over finished pixels of the top probability
+
+    def rows(self, top: int, labels: torch.Tensor, top_prob: torch.Tensor) -> None:
+        self.mask[top : top + labels.shape[0]] = labels.to(torch.uint8).cpu().numpy()
+        self._confidence += float(top_prob.sum(dtype=torch.float64))
+
+    @property
+    def mean_confidence(self) -> float:
+        return self._confidence / self.mask.size
+
+
+class Stitcher:
+    """One image's mask and confidence, built from its windows' probabilities given in row order; finished
+    rows go to ``sink``."""
+
+    def __init__(self, rows: list[list[Window]], num_classes: int, blend: str, sink: RowSink) -> None:
         self.height = rows[-1][0].y + rows[-1][0].h
         self.width = rows[0][-1].x + rows[0][-1].w
-        self.mask = np.empty((self.height, self.width), np.uint8)
+        self.sink = sink
         self.left = sum(len(row) for row in rows)  # windows not merged yet
         self.single = self.left == 1
         self._num_classes, self._blend = num_classes, blend
@@ -48,15 +72,10 @@ class Stitcher:
         self._top = 0  # image row of the accumulator's first row
         self._sum: torch.Tensor | None = None  # [band height, width, C] weighted probabilities
         self._weight: torch.Tensor | None = None  # [band height, width]
-        self._confidence = 0.0  # sum over finished pixels of the top probability
 
     @property
     def done(self) -> bool:
         return self.left == 0
-
-    @property
-    def mean_confidence(self) -> float:
-        return self._confidence / (self.height * self.width)
 
     def add(self, window: Window, probs: torch.Tensor) -> None:
         """Merge one window's [h, w, C] probabilities; every window of a row before any of the next row."""
@@ -89,14 +108,13 @@ class Stitcher:
         self._top = top
 
     def _finish(self, sums: torch.Tensor, weights: torch.Tensor | None, top: int) -> None:
-        """Class and top probability of the rows of ``sums / weights`` (``sums`` alone when None), into the
-        mask from image row ``top`` on; a few rows at a time, so that no temporary spans the band."""
+        """Class and top probability of the rows of ``sums / weights`` (``sums`` alone when None), to the sink
+        from image row ``top`` on; a few rows at a time, so that no temporary spans the band."""
         step = max(1, FINISH_PIXELS // self.width)
         for r in range(0, sums.shape[0], step):
             top_sum, labels = sums[r : r + step].max(dim=-1)
             top_prob = top_sum if weights is None else top_sum / weights[r : r + step]
-            self.mask[top + r : top + r + labels.shape[0]] = labels.to(torch.uint8).cpu().numpy()
-            self._confidence += float(top_prob.sum(dtype=torch.float64))
+            self.sink.rows(top + r, labels, top_prob)
 
 
 def _shift_up(t: torch.Tensor, n: int) -> None:

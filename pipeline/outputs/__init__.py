@@ -5,7 +5,8 @@ manifest.json                 the run: config, model, counts, shards, timings; w
 stats/part-<shard>.parquet    one ImageRow per input image, errors included; a shard's commit; its footer
                               carries the run id, the input files' versions and the rows' totals
 plan/part-<n>.parquet         the shards and their members, written while the input is listed (plan.json last)
-masks/<image id>.png          palette PNG, pixel value = class index, 255 = ignore
+masks/<image id>.png|.tif     palette PNG or tiled COG (georeferenced input), value = class index, 255 = ignore
+vectors/part-<shard>.parquet  outputs.vectors: the masks' polygons per class, GeoParquet; before its stats part
 metrics.json                  dataset and per-class metrics, with their definitions
 confusion_matrix.parquet      the dataset confusion matrix, rows ground truth
 evaluations/<name>/           re-evaluations of the run's masks (see pipeline.evaluate)
@@ -36,12 +37,14 @@ from pipeline.outputs.paths import (
     CONFUSION,
     EVALUATIONS,
     MANIFEST,
+    MASK_SUFFIXES,
     METRICS,
     committed_parts,
     mask_path,
     overlay_path,
     stats_path,
     unsafe_image_id,
+    vectors_path,
 )
 from pipeline.outputs.rows import EVALUATION_SCHEMA, STATS_SCHEMA, ErrorKind, EvaluationRow, ImageRow, to_table
 from pipeline.outputs.tables import (
@@ -64,6 +67,7 @@ __all__ = [
     "EVALUATIONS",
     "EVALUATION_SCHEMA",
     "MANIFEST",
+    "MASK_SUFFIXES",
     "METRICS",
     "STATS_SCHEMA",
     "EvaluationRow",
@@ -96,6 +100,7 @@ __all__ = [
     "stats_path",
     "to_table",
     "unsafe_image_id",
+    "vectors_path",
     "write_confusion",
     "write_json",
     "write_stats",

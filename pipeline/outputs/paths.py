@@ -25,8 +25,15 @@ def committed_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
     return {posixpath.basename(p)[len(prefix) : -len(suffix)]: p for p in paths}
 
 
-def mask_path(root: str, image_id: str) -> str:
-    return storage.join(root, "masks", f"{image_id}.png")
+def vectors_path(root: str, shard_id: str) -> str:
+    return storage.join(root, "vectors", f"part-{shard_id}.parquet")
+
+
+MASK_SUFFIXES = (".png", ".tif")  # outputs.mask_format png, geotiff
+
+
+def mask_path(root: str, image_id: str, suffix: str = ".png") -> str:
+    return storage.join(root, "masks", f"{image_id}{suffix}")
 
 
 def overlay_path(root: str, image_id: str) -> str:

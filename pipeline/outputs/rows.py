@@ -11,6 +11,7 @@ import pyarrow as pa
 
 Cell = dict[str, int]  # one non-zero confusion cell: {"gt": i, "pred": j, "count": n}
 CONFUSION_CELLS = pa.list_(pa.struct([("gt", pa.int32()), ("pred", pa.int32()), ("count", pa.int64())]))
+BOUNDS = pa.struct([(name, pa.float64()) for name in ("xmin", "ymin", "xmax", "ymax")])
 
 
 def column(arrow_type: pa.DataType) -> Any:
@@ -57,6 +58,9 @@ class ImageRow:
     pixel_accuracy: float | None = column(pa.float64())
     mean_iou: float | None = column(pa.float64())
     confusion: list[Cell] | None = column(CONFUSION_CELLS)  # sparse: re-reduce any subset of images exactly
+    nodata_pixels: int | None = column(pa.int64())  # pixels without data (mask 255), in no class or fraction
+    crs: str | None = column(pa.string())  # a georeferenced image's CRS: EPSG:<code>, or WKT; else null
+    bounds: dict[str, float] | None = column(BOUNDS)  # its extent in that CRS; null when not georeferenced
     error: str | None = column(pa.string())
     error_kind: str | None = column(pa.string())  # an ErrorKind value, null when fine
     model: str | None = column(pa.string())
@@ -81,6 +85,9 @@ class ImageRow:
             pixel_accuracy=None,
             mean_iou=None,
             confusion=None,
+            nodata_pixels=None,
+            crs=None,
+            bounds=None,
         )
 
 

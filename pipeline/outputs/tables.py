@@ -105,9 +105,10 @@ def reduce_parts(fs: fsspec.AbstractFileSystem, paths: list[str], num_classes: i
 
 
 def read_tables(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> Iterator[pa.Table]:
-    """The files' ``columns`` in order."""
+    """The files' ``columns`` in order; a column a file lacks (one written by an earlier version) is left out."""
     for blob in fetch_all(fs, paths):
-        yield pq.read_table(pa.BufferReader(blob), columns=columns)
+        part = pq.ParquetFile(pa.BufferReader(blob))
+        yield part.read(columns=[c for c in columns if c in part.schema_arrow.names])
 
 
 def read_sources(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[tuple[dict[str, str] | None, int]]:

@@ -12,11 +12,13 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from rasterio.io import MemoryFile
 
-from pipeline.config import LabelsConfig
+from pipeline.config import InputConfig, LabelsConfig
+from pipeline.geo.mask_files import decode_mask, read_mask_thumbnail
+from pipeline.geo.raster import RasterFile, RasterImage, is_raster, is_tiff
 from pipeline.images import decode_rgb
 from pipeline.labels.reader import LabelReader
-from pipeline.palette import png_to_mask
 from pipeline.report.overlays import blend, encode, error_map, overlay_jpeg, thumbnail
 from pipeline.report.run_data import Shown
 from pipeline.sources import Sample, get_layout
@@ -24,6 +26,7 @@ from pipeline.sources import Sample, get_layout
 log = logging.getLogger(__name__)
 
 THUMB = 192  # longest side of a gallery thumbnail, pixels
+GALLERY_RASTER_PIXELS = 50_000_000  # a larger TIFF's tile shows its mask alone
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Gallery:
         self.resolve = resolve
         self.palette = palette
         self.layout = get_layout(config.get("input", {}).get("layout", "files"))
+        self.input = InputConfig(**config.get("input", {}))
         labels_uri = config.get("labels_uri")
         self.labels = None
         if labels_uri:
@@ -51,9 +55,9 @@ class Gallery:
 
     def tile(self, shown: Shown, opacity: float = 0.5) -> Tile:
         notes = []
-        prediction = png_to_mask(self._read(shown.mask_uri))
-        image = self._image(shown, notes)
-        truth = self._truth(shown, prediction.shape, notes)
+        prediction, whole = self._prediction(shown, notes)
+        image = self._image(shown, notes) if whole else None
+        truth = self._truth(shown, prediction.shape, notes) if whole else None
         pictures = {}
         if image is not None:
             pictures["image"] = encode(thumbnail(image, THUMB))
@@ -70,13 +74,35 @@ class Gallery:
         image = self.image(shown)
         if image is None:
             return None
-        return overlay_jpeg(image, png_to_mask(self._read(shown.mask_uri)), self.palette, opacity)
+        return overlay_jpeg(image, decode_mask(self._read(shown.mask_uri)), self.palette, opacity)
 
     def image(self, shown: Shown) -> np.ndarray | None:
-        """The image itself, when it is a file of its own (the overlays of the gallery use it too)."""
+        """The image itself, when it is a file of its own (the overlays of the gallery use it too); a TIFF as
+        the run read it (bands, scaling, window), unless it is too large to decode whole for a thumbnail."""
         if "#" in shown.source_uri:
             return None
-        return decode_rgb(self._read(shown.source_uri))
+        if not is_raster(shown.source_uri):
+            return decode_rgb(self._read(shown.source_uri))
+        raster = RasterImage(RasterFile(*self.resolve(shown.source_uri)), self.input)
+        try:
+            if raster.height * raster.width > GALLERY_RASTER_PIXELS:
+                raise ValueError(f"a {raster.width}x{raster.height} TIFF is not decoded whole for a thumbnail")
+            return raster.read(0, 0, *raster.shape)
+        finally:
+            raster.close()
+
+    def _prediction(self, shown: Shown, notes: list[str]) -> tuple[np.ndarray, bool]:
+        """The mask, and whether it is whole: a huge one (a GeoTIFF's) is a thumbnail from its overviews,
+        shown alone."""
+        data = self._read(shown.mask_uri)
+        if not is_tiff(data):
+            return decode_mask(data), True
+        with MemoryFile(data) as memory, memory.open() as ds:
+            huge = ds.width * ds.height > GALLERY_RASTER_PIXELS
+        if huge:
+            notes.append("a huge mask: its thumbnail alone, read from its overviews")
+            return read_mask_thumbnail(data, THUMB), False
+        return decode_mask(data), True
 
     def _image(self, shown: Shown, notes: list[str]) -> np.ndarray | None:
         try:

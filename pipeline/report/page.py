@@ -173,6 +173,10 @@ def _card(tile: Tile) -> str:
     figures = f"confidence {s.mean_confidence:.3f}"
     if s.mean_iou is not None:
         figures = f"mean IoU {_pct(s.mean_iou)}, pixel accuracy {_pct(s.pixel_accuracy)}, " + figures
+    if s.crs:
+        b = s.bounds or {}
+        extent = ", ".join(f"{b.get(k, float('nan')):,.1f}" for k in ("xmin", "ymin", "xmax", "ymax"))
+        figures += f"<br>{_e(s.crs if len(s.crs) < 40 else s.crs[:37] + '...')}: {extent}"
     pictures = "".join(_img(tile.pictures[key], label) for key, label in _PICTURES if key in tile.pictures)
     note = f"<div class='note'>{_e(tile.note)}</div>" if tile.note else ""
     return (

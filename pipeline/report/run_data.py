@@ -22,7 +22,7 @@ from pipeline.outputs import CONFUSION, METRICS, Manifest, part_paths, read_mani
 
 COLUMNS = [
     *("image_id", "source_uri", "mask_uri", "label_uri", "class_pixels", "mean_confidence", "labeled"),
-    *("mean_iou", "pixel_accuracy", "error", "error_kind"),
+    *("mean_iou", "pixel_accuracy", "error", "error_kind", "crs", "bounds"),
 ]
 IDS_PER_REASON = 20  # image ids listed under each error reason
 
@@ -39,6 +39,8 @@ class Shown:
     mean_iou: float | None = field(compare=False)
     pixel_accuracy: float | None = field(compare=False)
     mean_confidence: float = field(compare=False)
+    crs: str | None = field(compare=False, default=None)  # a georeferenced image's, with its bounds in it
+    bounds: dict[str, float] | None = field(compare=False, default=None)
 
 
 @dataclass
@@ -139,6 +141,8 @@ def _keep_worst(heap: list[tuple], table: pa.Table, key: str, worst: int) -> Non
             mean_iou=row["mean_iou"],
             pixel_accuracy=row["pixel_accuracy"],
             mean_confidence=float(row["mean_confidence"]),
+            crs=row.get("crs"),
+            bounds=row.get("bounds"),
         )
         item = (-shown.score, shown.image_id, shown)  # a max-heap: its top is the best of the worst
         if len(heap) < worst:
