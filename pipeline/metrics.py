@@ -37,7 +37,8 @@ BLOCK_PIXELS = 4_000_000
 def confusion_counts(
     gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> np.ndarray:
-    """The [C, C] int64 confusion matrix of one label/prediction pair (bincount, as torchvision does)."""
+    """The [C, C] int64 confusion matrix of one label/prediction pair (bincount, as torchvision does); a pixel
+    whose label or prediction is ``ignore_index`` (no data: a windowed image's nodata) is in no cell."""
     gt = np.asarray(gt).reshape(-1)
     pred = np.asarray(pred).reshape(-1)
     if gt.size != pred.size:
@@ -45,7 +46,7 @@ def confusion_counts(
     counts = np.zeros(num_classes * num_classes, np.int64)
     for start in range(0, gt.size, BLOCK_PIXELS):
         g, p = gt[start : start + BLOCK_PIXELS], pred[start : start + BLOCK_PIXELS]
-        keep = g != ignore_index
+        keep = (g != ignore_index) & (p != ignore_index)
         idx = g[keep].astype(np.int64) * num_classes + p[keep].astype(np.int64)
         counts += np.bincount(idx, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)

@@ -57,8 +57,6 @@ class ImageStatsAccumulator:
         self.pixels += counts[: self.num_classes]
         self.nodata += int(counts[IGNORE_INDEX])
         if self.mat is not None:
-            if self.nodata:  # no prediction there: as if the label ignored it
-                label = np.where(mask == IGNORE_INDEX, IGNORE_INDEX, label)
             self.mat += confusion_counts(label, mask, self.num_classes)
 
     def compute(self) -> ImageStats:

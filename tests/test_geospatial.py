@@ -20,9 +20,11 @@ import shapely
 from PIL import Image
 from rasterio.transform import from_origin
 
-from pipeline.config import JobConfig
+from pipeline.config import EvaluateConfig, JobConfig
+from pipeline.evaluate import evaluate_output
 from pipeline.job import finalize_job, plan_job
 from pipeline.palette import png_to_mask
+from pipeline.report.page import write_report
 from pipeline.shard import ShardProcessor
 
 CRS = "EPSG:32633"
@@ -88,7 +90,8 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
     from pathlib import Path
-    from pipeline.config import JobConfig
+    from pipeline.config import EvaluateConfig, JobConfig
+from pipeline.evaluate import evaluate_output
     from pipeline.job import finalize_job, plan_job
     from pipeline.shard import ShardProcessor
 
@@ -152,7 +155,8 @@ def test_a_12k_geotiff_is_segmented_by_windows_into_a_cog_equal_to_its_png_in_sl
     assert len(np.unique(tif_mask)) == NUM_CLASSES
 
 
-def test_a_4_band_16_bit_scene_reads_the_bands_asked_for_and_leaves_nodata_out(tmp_path):
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "striped"])
+def test_a_4_band_16_bit_scene_reads_the_bands_asked_for_and_leaves_nodata_out(tmp_path, tiled):
     from pipeline.inference.predictor import Predictor
     from pipeline.models.loading import load_model
 
@@ -163,10 +167,14 @@ def test_a_4_band_16_bit_scene_reads_the_bands_asked_for_and_leaves_nodata_out(t
     data[:, :, :40] = nodata  # and the scene's left edge
     (tmp_path / "in").mkdir()
     profile = dict(driver="GTiff", width=width, height=height, count=4, dtype="uint16", crs=CRS, transform=TRANSFORM)
-    with rasterio.open(tmp_path / "in" / "s2.tif", "w", nodata=nodata, tiled=True, **profile) as ds:
+    with rasterio.open(tmp_path / "in" / "s2.tif", "w", nodata=nodata, tiled=tiled, **profile) as ds:
         ds.write(data)
+    truth = rng.integers(0, NUM_CLASSES, (height, width)).astype(np.uint8)  # a label as an index PNG beside it
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(truth).save(tmp_path / "labels" / "s2.png")
     checkpoint = pointwise_checkpoint(tmp_path / "pointwise.pt")
     cfg = job(tmp_path, tmp_path / "in", tmp_path / "out", checkpoint, input={"bands": [3, 2, 1]})
+    cfg = cfg.model_copy(update={"labels_uri": str(tmp_path / "labels")})
     cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"tile": (256, 256)})})
     run_in_process(cfg)
 
@@ -178,6 +186,14 @@ def test_a_4_band_16_bit_scene_reads_the_bands_asked_for_and_leaves_nodata_out(t
     assert row["nodata_pixels"] == int(hole.sum())
     assert sum(row["class_pixels"]) == int((~hole).sum())
     assert sum(row["class_fraction"]) == pytest.approx(1.0, abs=1e-5)
+    assert row["labeled"] and sum(c["count"] for c in row["confusion"]) == int((~hole).sum())  # nodata: no cell
+    expected_cells = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    np.add.at(expected_cells, (truth[~hole], mask[~hole]), 1)
+    assert {(c["gt"], c["pred"]): c["count"] for c in row["confusion"]} == {
+        (i, j): int(n) for (i, j), n in np.ndenumerate(expected_cells) if n
+    }
+    evaluated = evaluate_output(EvaluateConfig(output_uri=str(tmp_path / "out"), labels_uri=str(tmp_path / "labels")))
+    assert evaluated["pixel_accuracy"] == pytest.approx(np.trace(expected_cells) / expected_cells.sum())
 
     # The model saw bands 3, 2, 1 as R, G, B, each stretched between its 2nd and 98th percentile of valid pixels.
     valid = data[:, ~hole].astype(np.float64)
@@ -228,6 +244,13 @@ def test_vectors_are_geoparquet_polygons_whose_areas_add_up_to_the_class_pixels(
     inside = polygons[table["image_id"].to_numpy(zero_copy_only=False) == "a.tif"]
     xmin, ymin, xmax, ymax = shapely.total_bounds(inside)
     assert (xmin, ymin, xmax, ymax) == pytest.approx((bounds["xmin"], bounds["ymin"], bounds["xmax"], bounds["ymax"]))
+
+    # The report's gallery draws the GeoTIFF's tile from its COG mask and names its CRS and extent.
+    fs, root = cfg.resolve(cfg.output_uri)
+    write_report(fs, root, cfg.resolve)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "EPSG:32633: 500,000.0, 5,985,000.0, 525,000.0, 6,000,000.0" in html
+    assert "cannot be drawn" not in html and "image unreadable" not in html
 
 
 @pytest.mark.s3

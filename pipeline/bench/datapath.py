@@ -136,6 +136,8 @@ class _Steps:
             error=None,
             error_kind=None,
             increment=1,
+            crs=None,
+            bounds=None,
         )
 
     def write_mask(self, i: int, png: bytes) -> None:

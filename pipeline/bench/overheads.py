@@ -51,6 +51,8 @@ def _stats_part(rng: np.random.Generator, rows: int, num_classes: int = NUM_CLAS
                 error_kind=None,
                 model="bench",
                 increment=1,
+                crs=None,
+                bounds=None,
             )
         )
     return out

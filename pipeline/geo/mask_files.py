@@ -39,6 +39,7 @@ from rasterio.windows import Window
 
 from pipeline import storage
 from pipeline.geo.georef import Georef
+from pipeline.geo.raster import is_tiff
 from pipeline.palette import IGNORE_INDEX, png_to_mask
 
 MaskFormat = Literal["png", "geotiff"]
@@ -51,7 +52,6 @@ GDAL_CACHE_BYTES = 16 * 2**20
 WRITE_COLUMNS = 16 * BLOCK
 IDAT_BYTES = 2**20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 
 
 def mask_suffix(fmt: str) -> str:
@@ -313,7 +313,7 @@ def read_mask_thumbnail(data: bytes, max_side: int) -> np.ndarray:
 @contextmanager
 def _open_tiff(data: bytes) -> Iterator[DatasetReader]:
     """A uint8 TIFF's dataset opened from its bytes; ValueError for anything that is not one."""
-    if not data.startswith(TIFF_MAGICS):
+    if not is_tiff(data):
         raise ValueError(f"not a PNG or TIFF mask (starts {data[:8]!r})")
     with MemoryFile(data) as memfile:
         with warnings.catch_warnings():

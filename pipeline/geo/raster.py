@@ -43,7 +43,7 @@ def is_raster(path: str) -> bool:
 
 
 def is_tiff(data: bytes) -> bool:
-    return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+    return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
 @dataclass(frozen=True)

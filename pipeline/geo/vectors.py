@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections import defaultdict
 
 import fsspec
@@ -265,6 +266,7 @@ class VectorPartWriter:
         self._writer = pq.ParquetWriter(self._local, PART_SCHEMA, compression="zstd", store_schema=False)
         self._crs: set[str | None] = set()
         self._bbox = np.array([np.inf, np.inf, -np.inf, -np.inf])
+        self._lock = threading.Lock()
 
     def add(self, image_id: str, table: pa.Table, georef: Georef | None, class_names: list[str]) -> None:
         """Append one image's polygons (a ``Polygonizer.finish`` table) as one row group."""
@@ -282,10 +284,12 @@ class VectorPartWriter:
             "crs": pa.array([crs] * n, pa.string()),
             "geometry": table["geometry"],
         }
-        self._writer.write_table(pa.table(columns, schema=PART_SCHEMA), row_group_size=n)
-        self._crs.add(crs)
         bounds = shapely.total_bounds(shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False)))
-        self._bbox = np.concatenate([np.minimum(self._bbox[:2], bounds[:2]), np.maximum(self._bbox[2:], bounds[2:])])
+        with self._lock:  # a shard's images finish on several IO threads at once
+            self._writer.write_table(pa.table(columns, schema=PART_SCHEMA), row_group_size=n)
+            self._crs.add(crs)
+            low, high = np.minimum(self._bbox[:2], bounds[:2]), np.maximum(self._bbox[2:], bounds[2:])
+            self._bbox = np.concatenate([low, high])
 
     def close(self) -> None:
         """Write the ``geo`` footer and publish the file (with no rows too, so that it exists)."""
