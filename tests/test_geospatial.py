@@ -90,8 +90,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
     from pathlib import Path
-    from pipeline.config import EvaluateConfig, JobConfig
-from pipeline.evaluate import evaluate_output
+    from pipeline.config import JobConfig
     from pipeline.job import finalize_job, plan_job
     from pipeline.shard import ShardProcessor
 
