@@ -48,13 +48,15 @@ class ImageOutputs:
     def rows(self, top: int, labels: torch.Tensor, top_prob: torch.Tensor) -> None:
         """Finished rows from the stitcher: pixels without data become 255 and leave the confidence."""
         mask = labels.to(torch.uint8).cpu().numpy()
-        prob = top_prob.float().cpu().numpy()
         valid = self.valid(top, mask.shape[0]) if self.valid else None
-        if valid is not None:
+        if valid is None:  # summed where it lies (a GPU's probabilities stay there)
+            self._confidence += float(top_prob.sum(dtype=torch.float64))
+            self._counted += top_prob.numel()
+        else:
             mask[~valid] = IGNORE_INDEX
-            prob = prob[valid]
-        self._confidence += float(prob.sum(dtype=np.float64))
-        self._counted += prob.size
+            prob = top_prob.float().cpu().numpy()[valid]
+            self._confidence += float(prob.sum(dtype=np.float64))
+            self._counted += prob.size
         self.add(top, mask)
 
     def add(self, top: int, mask: np.ndarray) -> None:

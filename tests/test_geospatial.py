@@ -150,7 +150,9 @@ def test_a_12k_geotiff_is_segmented_by_windows_into_a_cog_equal_to_its_png_in_sl
     run_in_process(job(tmp_path, tmp_path / "png", tmp_path / "out-png", checkpoint, **windows))
     png_mask = png_to_mask((tmp_path / "out-png" / "masks" / "scene.png.png").read_bytes())
     assert np.array_equal(tif_mask, png_mask)
-    assert rows_of(tmp_path / "out-png")[0]["class_pixels"] == row["class_pixels"]
+    png_row = rows_of(tmp_path / "out-png")[0]
+    assert png_row["class_pixels"] == row["class_pixels"]
+    assert png_row["mean_confidence"] == pytest.approx(row["mean_confidence"], rel=1e-6)
     assert len(np.unique(tif_mask)) == NUM_CLASSES
 
 
@@ -330,3 +332,24 @@ def test_unreadable_tiffs_are_error_rows_and_the_run_goes_on(tmp_path):
     masks = sorted(p.name for p in (tmp_path / "out" / "masks").iterdir())
     assert masks == ["good.tif.tif"]  # nothing of the failed ones, no temporary left behind
     assert set(pq.read_table(tmp_path / "out" / "vectors")["image_id"].to_pylist()) == {"good.tif"}
+
+
+def test_an_increment_rewrites_the_polygons_of_a_part_whose_images_left(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        write_geotiff(tmp_path / "in" / f"{name}.tif", 300, 400)
+    checkpoint = pointwise_checkpoint(tmp_path / "pointwise.pt")
+    out = tmp_path / "out"
+    fields = dict(mode="incremental", prune_deleted=True, outputs={"report": False, "vectors": True})
+    run_in_process(job(tmp_path, tmp_path / "in", out, checkpoint, **fields))
+    (first,) = (out / "vectors").iterdir()
+    assert set(pq.read_table(first)["image_id"].to_pylist()) == {"a.tif", "b.tif", "c.tif"}
+
+    (tmp_path / "in" / "b.tif").unlink()
+    done = run_in_process(job(tmp_path, tmp_path / "in", out, checkpoint, **fields))
+    parts = [out / "vectors" / f"part-{s['shard_id']}.parquet" for s in done["manifest"]["shards"]]
+    assert sorted(p.name for p in (out / "vectors").iterdir()) == sorted(p.name for p in parts)  # the old one gone
+    table = pq.read_table(parts)
+    assert set(table["image_id"].to_pylist()) == {"a.tif", "c.tif"}
+    assert b"geo" in pq.read_schema(parts[0]).metadata  # still GeoParquet
+    assert not (out / "masks" / "b.tif.tif").exists()
