@@ -32,7 +32,7 @@ from pipeline.config import JobConfig
 from pipeline.cpu_tuning import release_freed_memory
 from pipeline.geo.georef import Georef
 from pipeline.geo.mask_files import mask_suffix, open_mask_writer
-from pipeline.geo.raster import RasterFile, RasterImage, is_tiff
+from pipeline.geo.raster import RasterImage
 from pipeline.geo.vectors import Polygonizer, VectorPartWriter
 from pipeline.image_outputs import Finished, ImageOutputs
 from pipeline.images import (
@@ -41,11 +41,9 @@ from pipeline.images import (
     decode_rgb,
     default_max_image_pixels,
     image_pixels,
-    memory_limit_bytes,
 )
 from pipeline.inference.plan import plan_inference
 from pipeline.inference.predictor import Failure, Prediction, Predictor
-from pipeline.inference.windows import Window
 from pipeline.labels import LabelError, validate_label
 from pipeline.labels.reader import LabelReader
 from pipeline.models.loading import load_model
@@ -67,6 +65,7 @@ from pipeline.sources import Sample, Shard
 from pipeline.sources.layout import InputSource
 from pipeline.sources.prefetch import background
 from pipeline.stats import ImageStatsAccumulator
+from pipeline.windowed import WindowedTiff, band_too_large, is_windowed, open_error
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class ShardResults(list):
 @dataclass
 class _Prepared:
     sample: Sample
-    image: np.ndarray | _Windowed | None  # decoded RGB, a TIFF read by windows, or None with ``error`` and ``kind``
+    image: np.ndarray | WindowedTiff | None  # decoded RGB, a TIFF read by windows, or None with ``error`` and ``kind``
     error: str | None
     kind: ErrorKind | None = None
     label: object | None = None  # the label's payload (bytes or a COCO entry), not yet converted
@@ -188,7 +187,9 @@ class ShardProcessor:
         """Images per second of the model on ``samples``, decoded once (a TIFF: read by windows each time) and
         predicted again and again for about ``seconds`` after one warm-up pass; nothing written (what
         ``segpipe plan --estimate`` times)."""
-        prepared = [self._prepare_windowed(s, write=False) if _windowed(s.image) else self._prepare(s) for s in samples]
+        prepared = [
+            self._prepare_windowed(s, write=False) if is_windowed(s.image) else self._prepare(s) for s in samples
+        ]
         images = [p.image for p in prepared if p.image is not None]
         try:
             if not images:
@@ -201,7 +202,7 @@ class ShardProcessor:
             return done / (time.perf_counter() - start)
         finally:
             for image in images:
-                if isinstance(image, _Windowed):
+                if isinstance(image, WindowedTiff):
                     image.discard()
 
     def _carefully(
@@ -228,7 +229,7 @@ class ShardProcessor:
         """Decode the image and fetch its label's payload (IO threads)."""
         if sample.error is not None:
             return _Prepared(sample, None, sample.error, ErrorKind.INPUT)
-        if _windowed(sample.image):
+        if is_windowed(sample.image):
             return self._prepare_windowed(sample)
         image, error, kind = self._decode(sample.image)
         if image is None:
@@ -245,8 +246,8 @@ class ShardProcessor:
         try:
             raster = RasterImage(sample.image, self.cfg.input)
         except Exception as e:  # noqa: BLE001 - whatever GDAL says of a file is the row's reason
-            return _Prepared(sample, None, *_open_error(sample.image, e))
-        too_large = self._band_too_large(raster)
+            return _Prepared(sample, None, *open_error(sample.image, e))
+        too_large = band_too_large(raster.width, min(self.plan.tile[0], raster.height), self.meta.num_classes)
         if too_large:
             raster.close()
             return _Prepared(sample, None, too_large, ErrorKind.TOO_LARGE)
@@ -259,7 +260,7 @@ class ShardProcessor:
             writer = open_mask_writer(fmt, self.out_fs, out, h, w, self.palette, georef, self.cfg.png_compress_level)
             polygons = self._polygons(h, w, georef)
         outputs = ImageOutputs(writer, self._stats(label), label, polygons, raster.valid)
-        windowed = _Windowed(raster, outputs, out)
+        windowed = WindowedTiff(raster, outputs, out)
         return _Prepared(sample, windowed, None, label_uri=label_uri, label_error=label_error)
 
     def _windowed_label(self, sample: Sample, h: int, w: int) -> tuple[np.ndarray | None, str | None, str | None]:
@@ -279,18 +280,6 @@ class ShardProcessor:
         except LabelError as e:
             return None, label_uri, f"label: {e}"
         return label, label_uri, None
-
-    def _band_too_large(self, raster: RasterImage) -> str | None:
-        """Why a row of windows of ``raster`` cannot be merged in this process's memory, or None: the merge holds
-        fp32 probabilities and weights across the whole width (plus the pixels read and the finished rows)."""
-        rows = min(self.plan.tile[0], raster.height)
-        need = rows * raster.width * (4 * self.meta.num_classes + 4 + 3 + 1)
-        if need <= memory_limit_bytes() // 4:
-            return None
-        return (
-            f"image is {raster.width} pixels wide: a row of windows would need {need / 2**30:.1f} GiB "
-            f"(a quarter of this process's memory at most); segment a narrower input.window"
-        )
 
     def _mask_format(self, georef: Georef | None) -> str:
         fmt = self.cfg.outputs.mask_format
@@ -322,7 +311,7 @@ class ShardProcessor:
         sample = p.sample
         ids = {"run_id": self.run_id, "image_id": sample.image_id, "source_uri": sample.source_uri}
         ids |= {"shard_id": shard.shard_id, "model": self.cfg.model, "increment": shard.increment}
-        windowed = p.image if isinstance(p.image, _Windowed) else None
+        windowed = p.image if isinstance(p.image, WindowedTiff) else None
         if windowed is not None and not isinstance(pred, Prediction):
             windowed.discard()
         if isinstance(pred, Failure):
@@ -379,48 +368,6 @@ class ShardProcessor:
         return out, outputs.finish(), label_error
 
 
-class _Windowed:
-    """A TIFF read window by window (a ``WindowedImage``), its finished rows going to its outputs."""
-
-    def __init__(self, raster: RasterImage, outputs: ImageOutputs, mask_path: str) -> None:
-        self.raster, self.outputs, self.mask_path = raster, outputs, mask_path
-        self.shape = raster.shape
-
-    def crop(self, window: Window) -> np.ndarray:
-        return self.raster.read(window.y, window.x, window.h, window.w)
-
-    @property
-    def sink(self) -> ImageOutputs:
-        return self.outputs
-
-    @property
-    def mean_confidence(self) -> float:
-        return self.outputs.mean_confidence
-
-    def finish(self) -> Finished:
-        try:
-            return self.outputs.finish()
-        finally:
-            self.raster.close()
-
-    def discard(self) -> None:
-        self.outputs.discard()
-        self.raster.close()
-
-
-def _windowed(image: bytes | RasterFile | None) -> bool:
-    """Read by windows: a TIFF file left in place, or TIFF bytes (a tar member, a Parquet cell)."""
-    return isinstance(image, RasterFile) or (isinstance(image, bytes) and is_tiff(image))
-
-
-def _open_error(image: bytes | RasterFile, error: Exception) -> tuple[str, ErrorKind]:
-    """The error row's reason for a TIFF that could not be opened."""
-    if isinstance(image, RasterFile) and not image.fs.exists(image.path):
-        return "missing file: the image was listed but could not be read", ErrorKind.INPUT
-    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-    return f"cannot read TIFF: {text}", ErrorKind.INPUT
-
-
 def _ray_node_id() -> str:
     """The id of the Ray node this process runs on, or "local" when it is not part of a Ray cluster.
     Ray is looked up, not imported: a processor outside Ray must not pay for (or need) the import."""
@@ -449,7 +396,7 @@ def _chunks(samples: Iterable[Sample], size: int, pixels: int) -> Iterator[list[
     chunk: list[Sample] = []
     held = 0
     for sample in samples:
-        n = 0 if sample.image is None or _windowed(sample.image) else (image_pixels(sample.image) or 0)
+        n = 0 if sample.image is None or is_windowed(sample.image) else (image_pixels(sample.image) or 0)
         if chunk and (len(chunk) == size or held + n > pixels):
             yield chunk
             chunk, held = [], 0
