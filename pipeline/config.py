@@ -227,6 +227,11 @@ class InputConfig(BaseModel):
         description="TIFF: only this window of each image, [column, row, width, height] in pixels (clipped to the "
         "image); its mask keeps the georeference of that window",
     )
+    bounds: tuple[float, float, float, float] | None = Field(
+        None,
+        description="georeferenced TIFF: only the pixels within [xmin, ymin, xmax, ymax] in the image's CRS (an "
+        "area of interest; the window covering it, clipped to the image)",
+    )
 
     @model_validator(mode="after")
     def _scaling(self) -> InputConfig:
@@ -238,6 +243,10 @@ class InputConfig(BaseModel):
             raise ValueError("input.scale_range: the low value must be below the high one")
         if not self.percentiles[0] < self.percentiles[1]:
             raise ValueError("input.percentiles: the low percentile must be below the high one")
+        if self.window is not None and self.bounds is not None:
+            raise ValueError("input.bounds: give a window or bounds, not both")
+        if self.bounds is not None and not (self.bounds[0] < self.bounds[2] and self.bounds[1] < self.bounds[3]):
+            raise ValueError("input.bounds: [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
         return self
 
 

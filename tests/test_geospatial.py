@@ -353,3 +353,22 @@ def test_an_increment_rewrites_the_polygons_of_a_part_whose_images_left(tmp_path
     assert set(table["image_id"].to_pylist()) == {"a.tif", "c.tif"}
     assert b"geo" in pq.read_schema(parts[0]).metadata  # still GeoParquet
     assert not (out / "masks" / "b.tif.tif").exists()
+
+
+def test_input_bounds_segment_the_area_of_interest_in_the_images_crs(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_geotiff(tmp_path / "in" / "a.tif", 400, 600)  # 500,000-506,000 E, 5,996,000-6,000,000 N
+    (tmp_path / "in" / "far.tif").write_bytes((tmp_path / "in" / "a.tif").read_bytes())
+    with rasterio.open(tmp_path / "in" / "far.tif", "r+") as ds:
+        ds.transform = from_origin(700_000, 6_000_000, 10, 10)  # elsewhere: the area is not in it
+    checkpoint = pointwise_checkpoint(tmp_path / "pointwise.pt")
+    aoi = [501_005.0, 5_997_000.0, 503_000.0, 5_998_995.0]
+    run_in_process(job(tmp_path, tmp_path / "in", tmp_path / "out", checkpoint, input={"bounds": aoi}))
+
+    rows = {r["image_id"]: r for r in rows_of(tmp_path / "out")}
+    # The pixels covering the area, rounded outwards to whole pixels: columns 100-299, rows 100-299.
+    assert rows["a.tif"]["bounds"] == {"xmin": 501_000, "ymin": 5_997_000, "xmax": 503_000, "ymax": 5_999_000}
+    assert (rows["a.tif"]["width"], rows["a.tif"]["height"]) == (200, 200)
+    with rasterio.open(tmp_path / "out" / "masks" / "a.tif.tif") as ds:
+        assert ds.transform == from_origin(501_000, 5_999_000, 10, 10) and ds.shape == (200, 200)
+    assert rows["far.tif"]["error_kind"] == "input" and "do not overlap" in rows["far.tif"]["error"]

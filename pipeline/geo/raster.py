@@ -12,6 +12,7 @@ applied), scaled to 0..255 per band (``input.scale``), with a validity mask for 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,7 @@ class RasterImage:
         ds = self.ds
         self.bands = _bands(cfg.bands, ds.count)
         self.colormap = _colormap(ds) if len(self.bands) == 1 and not cfg.bands else None
-        self.col, self.row, self.width, self.height = _clip(cfg.window, ds.width, ds.height)
+        self.col, self.row, self.width, self.height = _clip(cfg.window or _bounds_window(ds, cfg.bounds), ds)
         self.georef = _georef(ds)
         if self.georef is not None:
             self.georef = self.georef.shifted(self.row, self.col)
@@ -188,14 +189,30 @@ def _georef(ds: rasterio.io.DatasetReader) -> Georef | None:
     return Georef(crs, tuple(ds.transform)[:6])
 
 
-def _clip(window: tuple[int, int, int, int] | None, width: int, height: int) -> tuple[int, int, int, int]:
-    """(col, row, width, height) of ``input.window`` within the image; the whole image without one."""
+def _clip(window: tuple[int, int, int, int] | None, ds: rasterio.io.DatasetReader) -> tuple[int, int, int, int]:
+    """(col, row, width, height) of ``window`` within the image; the whole image without one."""
     if window is None:
-        return 0, 0, width, height
+        return 0, 0, ds.width, ds.height
     col, row, w, h = window
-    if col >= width or row >= height:
-        raise ValueError(f"input.window starts at column {col}, row {row}: outside this {width}x{height} image")
-    return col, row, min(w, width - col), min(h, height - row)
+    top, left = max(row, 0), max(col, 0)
+    right, bottom = min(col + w, ds.width), min(row + h, ds.height)
+    if left >= right or top >= bottom:
+        raise ValueError(f"the input's window {list(window)} lies outside this {ds.width}x{ds.height} image")
+    return left, top, right - left, bottom - top
+
+
+def _bounds_window(ds: rasterio.io.DatasetReader, bounds: tuple[float, ...] | None) -> tuple[int, ...] | None:
+    """The pixel window covering ``input.bounds`` (in the image's CRS), rounded outwards; None without bounds."""
+    if bounds is None:
+        return None
+    if ds.crs is None:
+        raise ValueError("input.bounds is set, but this image has no CRS")
+    left, bottom, right, top = ds.bounds
+    if bounds[0] >= right or bounds[2] <= left or bounds[1] >= top or bounds[3] <= bottom:
+        raise ValueError(f"input.bounds {list(bounds)} do not overlap this image's {[left, bottom, right, top]}")
+    window = ds.window(*bounds)
+    col, row = math.floor(window.col_off), math.floor(window.row_off)
+    return col, row, math.ceil(window.col_off + window.width) - col, math.ceil(window.row_off + window.height) - row
 
 
 def _scale(data: np.ndarray, lo: np.ndarray | None, hi: np.ndarray | None) -> np.ndarray:

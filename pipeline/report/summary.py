@@ -49,7 +49,8 @@ def format_summary(manifest: Manifest, metrics: dict) -> str:
         ]
     else:
         lines.append("no labels: dataset metrics not computed")
-    lines.append("outputs: masks/, stats/*.parquet, metrics.json, confusion_matrix.parquet, manifest.json")
+    vectors = "vectors/*.parquet, " if manifest.config.get("outputs", {}).get("vectors") else ""
+    lines.append(f"outputs: masks/, stats/*.parquet, {vectors}metrics.json, confusion_matrix.parquet, manifest.json")
     return "\n".join(lines)
 
 
