@@ -372,3 +372,22 @@ def test_input_bounds_segment_the_area_of_interest_in_the_images_crs(tmp_path):
     with rasterio.open(tmp_path / "out" / "masks" / "a.tif.tif") as ds:
         assert ds.transform == from_origin(501_000, 5_999_000, 10, 10) and ds.shape == (200, 200)
     assert rows["far.tif"]["error_kind"] == "input" and "do not overlap" in rows["far.tif"]["error"]
+
+
+def test_tiff_bytes_inside_a_parquet_shard_are_read_by_windows_too(tmp_path):
+    import pyarrow as pa
+
+    write_geotiff(tmp_path / "a.tif", 300, 500)
+    (tmp_path / "in").mkdir()
+    tiff = (tmp_path / "a.tif").read_bytes()
+    pq.write_table(pa.table({"image": [tiff, b"not an image"]}), tmp_path / "in" / "scenes.parquet")
+    checkpoint = pointwise_checkpoint(tmp_path / "pointwise.pt")
+    cfg = job(tmp_path, tmp_path / "in", tmp_path / "out", checkpoint)
+    cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"tile": (128, 128)})})
+    run_in_process(cfg)
+
+    rows = sorted(rows_of(tmp_path / "out"), key=lambda r: r["image_id"])
+    assert rows[0]["crs"] == CRS and rows[0]["error"] is None and rows[0]["mask_uri"].endswith(".tif")
+    assert rows[1]["error_kind"] == "input"
+    with rasterio.open(rows[0]["mask_uri"]) as ds:
+        assert ds.transform == TRANSFORM and ds.shape == (300, 500)
