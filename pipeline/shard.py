@@ -260,7 +260,7 @@ class ShardProcessor:
             writer = open_mask_writer(fmt, self.out_fs, out, h, w, self.palette, georef, self.cfg.png_compress_level)
             polygons = self._polygons(h, w, georef)
         outputs = ImageOutputs(writer, self._stats(label), label, polygons, raster.valid)
-        windowed = WindowedTiff(raster, outputs, out)
+        windowed = WindowedTiff(raster, outputs, out, self.plan.windows(h, w))
         return _Prepared(sample, windowed, None, label_uri=label_uri, label_error=label_error)
 
     def _windowed_label(self, sample: Sample, h: int, w: int) -> tuple[np.ndarray | None, str | None, str | None]:

@@ -18,12 +18,22 @@ from pipeline.outputs import ErrorKind
 class WindowedTiff:
     """A TIFF read window by window (a ``WindowedImage``), its finished rows going to its outputs."""
 
-    def __init__(self, raster: RasterImage, outputs: ImageOutputs, mask_path: str) -> None:
+    def __init__(self, raster: RasterImage, outputs: ImageOutputs, mask_path: str, rows: list[list[Window]]) -> None:
         self.raster, self.outputs, self.mask_path = raster, outputs, mask_path
         self.shape = raster.shape
+        starts = [(row[0].y, row[0].h) for row in rows]  # the rows of windows, in the predictor's order
+        self._next = dict(zip(starts, starts[1:], strict=False))
+        self._band: tuple[tuple[int, int], np.ndarray] | None = None  # the band of rows being cropped
 
     def crop(self, window: Window) -> np.ndarray:
-        return self.raster.read(window.y, window.x, window.h, window.w)
+        """A window cut from its row of windows' band, read across the width once (overlapping windows share
+        it); the next band is read meanwhile."""
+        key = (window.y, window.h)
+        if self._band is None or self._band[0] != key:
+            self._band = key, self.raster.rows(*key)
+            if key in self._next:
+                self.raster.prefetch(*self._next[key])
+        return self._band[1][:, window.x : window.x + window.w]
 
     @property
     def sink(self) -> ImageOutputs:
@@ -34,12 +44,14 @@ class WindowedTiff:
         return self.outputs.mean_confidence
 
     def finish(self) -> Finished:
+        self._band = None
         try:
             return self.outputs.finish()
         finally:
             self.raster.close()
 
     def discard(self) -> None:
+        self._band = None
         self.outputs.discard()
         self.raster.close()
 

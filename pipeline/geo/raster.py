@@ -13,6 +13,7 @@ applied), scaled to 0..255 per band (``input.scale``), with a validity mask for 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,10 @@ class RasterImage:
     """One TIFF, read window by window as three 8-bit bands with a mask of valid pixels."""
 
     def __init__(self, source: RasterFile | bytes, cfg: InputConfig) -> None:
+        # A GDAL dataset is not to be read from two threads at once: after setup every read runs on this one
+        # thread, which also reads the next band of rows while the model works on this one (``prefetch``).
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="segpipe-raster")
+        self._ahead: dict[tuple[int, int], Future[np.ndarray]] = {}
         self._memory = MemoryFile(source) if isinstance(source, bytes) else None
         self.ds = self._memory.open() if self._memory else _open(source)
         try:
@@ -87,6 +92,30 @@ class RasterImage:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """The h x w x 3 uint8 pixels whose top-left is (``y``, ``x``) of the (windowed) image."""
+        return self._io.submit(self._read, y, x, h, w).result()
+
+    def rows(self, y: int, h: int) -> np.ndarray:
+        """Rows [y, y + h) across the width, h x width x 3 uint8; already read if ``prefetch`` asked for them."""
+        future = self._ahead.pop((y, h), None) or self._io.submit(self._read, y, 0, h, self.width)
+        return future.result()
+
+    def prefetch(self, y: int, h: int) -> None:
+        """Start reading rows [y, y + h) in the background, for ``rows``."""
+        if (y, h) not in self._ahead:
+            self._ahead[(y, h)] = self._io.submit(self._read, y, 0, h, self.width)
+
+    def valid(self, y: int, h: int) -> np.ndarray | None:
+        """Which pixels of rows [y, y + h) hold data (a pixel is nodata when every band read is); None when all do."""
+        return self._io.submit(self._valid, y, h).result() if self.has_mask else None
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
+        self.ds.close()
+        if self._memory is not None:
+            self._memory.close()
+
+    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         data = self.ds.read(self.bands, window=self._window(y, x, h, w))
         if self.colormap is not None:
             return self.colormap[data[0]]
@@ -95,19 +124,11 @@ class RasterImage:
             scaled = np.repeat(scaled, 3, axis=0)
         return np.ascontiguousarray(scaled.transpose(1, 2, 0))
 
-    def valid(self, y: int, h: int) -> np.ndarray | None:
-        """Which pixels of rows [y, y + h) hold data (a pixel is nodata when every band read is); None when all do."""
-        if not self.has_mask:
-            return None
+    def _valid(self, y: int, h: int) -> np.ndarray:
         window = self._window(y, 0, h, self.width)
         if self.nodata is not None:
             return np.any(self.ds.read(self.bands, window=window) != self.nodata, axis=0)
         return np.any(self.ds.read_masks(self.bands, window=window) > 0, axis=0)
-
-    def close(self) -> None:
-        self.ds.close()
-        if self._memory is not None:
-            self._memory.close()
 
     def _window(self, y: int, x: int, h: int, w: int) -> RioWindow:
         return RioWindow(self.col + x, self.row + y, w, h)
