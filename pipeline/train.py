@@ -19,8 +19,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline import storage
-from pipeline.config import DataConfig, InferenceConfig, TrainConfig
+from pipeline.config import DataConfig, InferenceConfig, InputConfig, TrainConfig
 from pipeline.errors import InputError
+from pipeline.geo.raster import RasterFile, read_whole
 from pipeline.images import DecodeError, decode_rgb
 from pipeline.inference.plan import plan_inference
 from pipeline.inference.predictor import Failure, Predictor, resolve_device
@@ -31,10 +32,18 @@ from pipeline.models import get_model
 from pipeline.models.checkpoint import ModelMeta, default_meta, load_checkpoint, read_checkpoint, save_checkpoint
 from pipeline.palette import IGNORE_INDEX
 from pipeline.sources.layout import InputSource
+from pipeline.windowed import is_windowed
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[np.ndarray, np.ndarray]  # (HxWx3 uint8 image, HxW uint8 label)
+
+
+def _decoded(image: bytes | RasterFile | None, cfg: InputConfig) -> np.ndarray | None:
+    """A training image whole: a TIFF as a job reads it (bands, scaling), anything else through Pillow."""
+    if image is None:
+        return None
+    return read_whole(image, cfg) if is_windowed(image) else decode_rgb(image)
 
 
 def load_labeled(cfg: TrainConfig, data: DataConfig, num_classes: int) -> list[Pair]:
@@ -48,8 +57,8 @@ def load_labeled(cfg: TrainConfig, data: DataConfig, num_classes: int) -> list[P
         for shard in source.plan(shard_size=64):
             for sample in source.read(shard, pool):
                 try:
-                    image = decode_rgb(sample.image) if sample.image is not None else None
-                except DecodeError:
+                    image = _decoded(sample.image, data.input)
+                except (DecodeError, OSError, ValueError):  # rasterio's errors are OSErrors too
                     image = None
                 if image is None:
                     skipped["unreadable"] += 1

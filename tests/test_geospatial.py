@@ -392,3 +392,25 @@ def test_tiff_bytes_inside_a_parquet_shard_are_read_by_windows_too(tmp_path):
     assert rows[1]["error_kind"] == "input"
     with rasterio.open(rows[0]["mask_uri"]) as ds:
         assert ds.transform == TRANSFORM and ds.shape == (300, 500)
+
+
+def test_training_reads_a_tiff_as_a_job_does(tmp_path):
+    from pipeline.config import DataConfig, TrainConfig
+    from pipeline.train import load_labeled
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "labels").mkdir()
+    data = np.random.default_rng(5).integers(0, 4000, (4, 120, 160)).astype(np.uint16)
+    profile = dict(driver="GTiff", width=160, height=120, count=4, dtype="uint16", crs=CRS, transform=TRANSFORM)
+    with rasterio.open(tmp_path / "in" / "s.tif", "w", **profile) as ds:
+        ds.write(data)
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(tmp_path / "labels" / "s.png")
+    source = DataConfig(
+        input_uri=str(tmp_path / "in"),
+        labels_uri=str(tmp_path / "labels"),
+        input={"bands": [4, 3, 2], "scale": "fixed", "scale_range": [0, 4000]},
+    )
+    cfg = TrainConfig(class_names=["a", "b"], train=source, val=source, output_uri=str(tmp_path / "m.pt"))
+    ((image, label),) = load_labeled(cfg, source, 2)
+    expected = np.clip(np.round(data[[3, 2, 1]].astype(np.float64) * 255 / 4000), 0, 255).astype(np.uint8)
+    assert np.array_equal(image, expected.transpose(1, 2, 0)) and label.shape == (120, 160)

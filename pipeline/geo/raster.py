@@ -167,6 +167,18 @@ class RasterImage:
         return [band[valid].astype(np.float64) for band in data]
 
 
+def read_whole(source: RasterFile | bytes, cfg: InputConfig, max_pixels: int | None = None) -> np.ndarray:
+    """The whole TIFF as the job reads its windows (bands, scaling, window), for what needs an image whole (a
+    training sample, a report thumbnail); ValueError above ``max_pixels``."""
+    raster = RasterImage(source, cfg)
+    try:
+        if max_pixels is not None and raster.height * raster.width > max_pixels:
+            raise ValueError(f"a {raster.width}x{raster.height} TIFF is not decoded whole (above {max_pixels:,} px)")
+        return raster.read(0, 0, *raster.shape)
+    finally:
+        raster.close()
+
+
 def _open(source: RasterFile) -> rasterio.io.DatasetReader:
     fs = source.fs
     if isinstance(fs, LocalFileSystem):

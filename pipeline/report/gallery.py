@@ -16,7 +16,7 @@ from rasterio.io import MemoryFile
 
 from pipeline.config import InputConfig, LabelsConfig
 from pipeline.geo.mask_files import decode_mask, read_mask_thumbnail
-from pipeline.geo.raster import RasterFile, RasterImage, is_raster, is_tiff
+from pipeline.geo.raster import RasterFile, is_raster, is_tiff, read_whole
 from pipeline.images import decode_rgb
 from pipeline.labels.reader import LabelReader
 from pipeline.report.overlays import blend, encode, error_map, overlay_jpeg, thumbnail
@@ -83,13 +83,7 @@ class Gallery:
             return None
         if not is_raster(shown.source_uri):
             return decode_rgb(self._read(shown.source_uri))
-        raster = RasterImage(RasterFile(*self.resolve(shown.source_uri)), self.input)
-        try:
-            if raster.height * raster.width > GALLERY_RASTER_PIXELS:
-                raise ValueError(f"a {raster.width}x{raster.height} TIFF is not decoded whole for a thumbnail")
-            return raster.read(0, 0, *raster.shape)
-        finally:
-            raster.close()
+        return read_whole(RasterFile(*self.resolve(shown.source_uri)), self.input, GALLERY_RASTER_PIXELS)
 
     def _prediction(self, shown: Shown, notes: list[str]) -> tuple[np.ndarray, bool]:
         """The mask, and whether it is whole: a huge one (a GeoTIFF's) is a thumbnail from its overviews,
