@@ -39,10 +39,6 @@ class WindowedTiff:
     def sink(self) -> ImageOutputs:
         return self.outputs
 
-    @property
-    def mean_confidence(self) -> float:
-        return self.outputs.mean_confidence
-
     def finish(self) -> Finished:
         self._band = None
         try:

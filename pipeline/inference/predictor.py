@@ -50,10 +50,8 @@ class WindowedImage(Protocol):
         """The window's h x w x 3 uint8 pixels."""
 
     @property
-    def sink(self) -> RowSink: ...
-
-    @property
-    def mean_confidence(self) -> float: ...
+    def sink(self) -> RowSink:
+        """Takes the finished rows; its ``mean_confidence`` is the image's once the last row is in."""
 
 
 Image = np.ndarray | WindowedImage
