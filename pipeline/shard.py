@@ -274,12 +274,17 @@ class ShardProcessor:
             return None, label_uri, None
         if h * w > self.max_pixels:
             return None, label_uri, f"label: {w}x{h} pixels is above max_image_pixels: it is converted whole"
+        label, error = self._label(payload, h, w)
+        return label, label_uri, error
+
+    def _label(self, payload: object, h: int, w: int) -> tuple[np.ndarray | None, str | None]:
+        """The label converted to class indices and checked against the image: (label, None) or (None, why)."""
         try:
             label = self.labels.to_mask(payload, h, w)
             validate_label(label, h, w, self.meta.num_classes)
         except LabelError as e:
-            return None, label_uri, f"label: {e}"
-        return label, label_uri, None
+            return None, f"label: {e}"
+        return label, None
 
     def _mask_format(self, georef: Georef | None) -> str:
         fmt = self.cfg.outputs.mask_format
@@ -345,13 +350,7 @@ class ShardProcessor:
         """An image decoded whole: convert and check its label, write its mask (and overlay) and count it.
         Returns the mask's path, the finished outputs and why the label cannot be used."""
         h, w = pred.mask.shape
-        label, label_error = None, p.label_error
-        if p.label is not None:
-            try:
-                label = self.labels.to_mask(p.label, h, w)
-                validate_label(label, h, w, self.meta.num_classes)
-            except LabelError as e:
-                label, label_error = None, f"label: {e}"
+        label, label_error = self._label(p.label, h, w) if p.label is not None else (None, p.label_error)
         fmt = self._mask_format(None)
         out = mask_path(self.out_root, sample.image_id, mask_suffix(fmt))
         writer = None

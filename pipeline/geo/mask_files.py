@@ -68,7 +68,17 @@ class MaskWriter(ABC):
 
     format: MaskFormat
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, height: int, width: int, palette: np.ndarray):
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        path: str,
+        height: int,
+        width: int,
+        palette: np.ndarray,
+        georef: Georef | None = None,
+        compress_level: int = 1,
+    ):
+        self.georef, self.compress_level = georef, compress_level  # georef: what a GeoTIFF carries (a PNG none)
         if height < 1 or width < 1:
             raise ValueError(f"a mask must have at least one pixel, got {height} x {width}")
         self.fs, self.path, self.height, self.width = fs, path, height, width
@@ -147,21 +157,11 @@ class PngMaskWriter(MaskWriter):
 
     format = "png"
 
-    def __init__(
-        self,
-        fs: fsspec.AbstractFileSystem,
-        path: str,
-        height: int,
-        width: int,
-        palette: np.ndarray,
-        compress_level: int = 1,
-    ):
-        self._file: BinaryIO | None = None
-        self._zlib = zlib.compressobj(compress_level)
-        self._pending = bytearray()  # compressed, not yet in an IDAT chunk
-        super().__init__(fs, path, height, width, palette)
+    _file: BinaryIO | None = None
 
     def _start(self) -> None:
+        self._zlib = zlib.compressobj(self.compress_level)
+        self._pending = bytearray()  # compressed, not yet in an IDAT chunk
         self._file = open(self.local_path, "wb")  # closed in _release
         self._file.write(PNG_MAGIC)
         self._chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, 3, 0, 0, 0))
@@ -199,23 +199,11 @@ class CogMaskWriter(MaskWriter):
 
     format = "geotiff"
 
-    def __init__(
-        self,
-        fs: fsspec.AbstractFileSystem,
-        path: str,
-        height: int,
-        width: int,
-        palette: np.ndarray,
-        georef: Georef | None,
-        compress_level: int = 1,
-    ):
-        self.georef, self.compress_level = georef, compress_level
-        self._ds: DatasetWriter | None = None
-        self._band = np.empty((min(BLOCK, height), width), dtype=np.uint8)  # the tile row being filled
-        self._top = self._filled = 0  # the band's first row in the mask; rows in it
-        super().__init__(fs, path, height, width, palette)
+    _ds: DatasetWriter | None = None
 
     def _start(self) -> None:
+        self._band = np.empty((min(BLOCK, self.height), self.width), dtype=np.uint8)  # the tile row being filled
+        self._top = self._filled = 0  # the band's first row in the mask; rows in it
         self._gtiff = str(Path(self.local_path).with_name("rows.tif"))
         profile = dict(driver="GTiff", height=self.height, width=self.width, count=1, dtype="uint8")
         profile |= dict(tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", zlevel=1)
@@ -281,10 +269,9 @@ def open_mask_writer(
 ) -> MaskWriter:
     """A writer for a ``height`` x ``width`` mask at ``fs``/``path`` (ending in ``mask_suffix(fmt)``).
     ``georef`` places a GeoTIFF (None: a plain tiled TIFF); a PNG has none to carry."""
-    if fmt == "png":
-        return PngMaskWriter(fs, path, height, width, palette, compress_level)
-    if fmt == "geotiff":
-        return CogMaskWriter(fs, path, height, width, palette, georef, compress_level)
+    writers = {"png": PngMaskWriter, "geotiff": CogMaskWriter}
+    if fmt in writers:
+        return writers[fmt](fs, path, height, width, palette, georef, compress_level)
     raise ValueError(f"unknown mask format {fmt!r}; expected one of {MASK_FORMATS}")
 
 

@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 import rasterio
 from fsspec.implementations.local import LocalFileSystem
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import MaskFlags
 from rasterio.env import set_gdal_config
 from rasterio.io import MemoryFile
 from rasterio.windows import Window as RioWindow
@@ -124,11 +124,13 @@ class RasterImage:
             scaled = np.repeat(scaled, 3, axis=0)
         return np.ascontiguousarray(scaled.transpose(1, 2, 0))
 
-    def _valid(self, y: int, h: int) -> np.ndarray:
-        window = self._window(y, 0, h, self.width)
+    def _valid(self, y: int, h: int, out_shape: tuple[int, int] | None = None, data: np.ndarray | None = None):
+        """Rows [y, y + h) with data, at ``out_shape`` when decimated; ``data``: those rows' values, if read."""
+        window, shape = self._window(y, 0, h, self.width), out_shape and (len(self.bands), *out_shape)
         if self.nodata is not None:
-            return np.any(self.ds.read(self.bands, window=window) != self.nodata, axis=0)
-        return np.any(self.ds.read_masks(self.bands, window=window) > 0, axis=0)
+            data = self.ds.read(self.bands, window=window, out_shape=shape) if data is None else data
+            return np.any(data != self.nodata, axis=0)
+        return np.any(self.ds.read_masks(self.bands, window=window, out_shape=shape) > 0, axis=0)
 
     def _window(self, y: int, x: int, h: int, w: int) -> RioWindow:
         return RioWindow(self.col + x, self.row + y, w, h)
@@ -154,16 +156,10 @@ class RasterImage:
         """Each band's valid values in a read of the image decimated to at most STATS_SIDE a side (from the
         overviews when the file has them: a COG's statistics cost a few small reads)."""
         factor = max(1, -(-max(self.width, self.height) // STATS_SIDE))
-        shape = (len(self.bands), max(1, self.height // factor), max(1, self.width // factor))
+        shape = (max(1, self.height // factor), max(1, self.width // factor))
         window = self._window(0, 0, self.height, self.width)
-        data = self.ds.read(self.bands, window=window, out_shape=shape, resampling=Resampling.nearest)
-        if self.nodata is not None:
-            valid = np.any(data != self.nodata, axis=0)
-        elif self.has_mask:
-            masks = self.ds.read_masks(self.bands, window=window, out_shape=shape, resampling=Resampling.nearest)
-            valid = np.any(masks > 0, axis=0)
-        else:
-            valid = np.ones(shape[1:], bool)
+        data = self.ds.read(self.bands, window=window, out_shape=(len(self.bands), *shape))
+        valid = self._valid(0, self.height, shape, data) if self.has_mask else np.ones(shape, bool)
         return [band[valid].astype(np.float64) for band in data]
 
 

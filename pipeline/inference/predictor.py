@@ -203,7 +203,7 @@ class _Run:
 
     def _run(self, batch: list[_Item]) -> None:
         """Segment and merge ``batch``; when it fails, its halves, down to the window that fails alone."""
-        batch, crops = self._crops(item for item in batch if not isinstance(self.out[item[0]], Failure))
+        batch, crops = self._crops(batch)
         if not batch:
             return
         whole = [len(self.rows[i]) == len(self.rows[i][0]) == 1 and _in_memory(self.images[i]) for i, _ in batch]
@@ -221,12 +221,12 @@ class _Run:
             else:
                 self._merge(i, window, out)
 
-    def _crops(self, items: Iterator[_Item]) -> tuple[list[_Item], list[np.ndarray]]:
-        """The items' pixels; a windowed image whose window cannot be read (a corrupt block) fails, as an
-        input, and leaves the batch."""
+    def _crops(self, items: list[_Item]) -> tuple[list[_Item], list[np.ndarray]]:
+        """The pixels of the items whose image has not failed; a windowed image whose window cannot be read (a
+        corrupt block) fails, as an input, and leaves the batch."""
         kept, crops = [], []
         for i, window in items:
-            if isinstance(self.out[i], Failure):  # an earlier window of it was unreadable
+            if isinstance(self.out[i], Failure):  # already failed (its model batch, or an unreadable window)
                 continue
             try:
                 crops.append(_crop(self.images[i], window))
